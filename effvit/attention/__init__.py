@@ -1,0 +1,1 @@
+"""The attention mechanisms of effvit; each file opens with its equations."""

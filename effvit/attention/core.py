@@ -1,0 +1,72 @@
+"""Multi-head scaled dot-product attention, shared by every mechanism in effvit.
+
+For an input of N query tokens and M key/value tokens, with h heads of width d = C / h:
+
+    Q = X Wq,  K = X' Wk,  V = X' Wv                 (X' = X, or a reduced/windowed X)
+    A_i = softmax(Q_i K_iᵀ · d^-½)                   (i = 1..h, A_i ∈ R^{N×M})
+    Attention(X) = concat_i(A_i V_i) Wo               (heads concatenated head-major)
+
+Heads are split head-major (channel c = i·d + j), as every reference does. Tensors keep the
+layout (batch, tokens, heads, head_dim) that `jax.nn.dot_product_attention` takes, so the fast
+path needs no transposes. Softmax always runs in float32.
+
+When a caller makes the `"attention"` collection mutable (visualisation, analysis), the
+probabilities are computed explicitly and sown there; otherwise the fused path is used.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+ATTENTION_COLLECTION = "attention"
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+  """(..., N, C) -> (..., N, h, C/h), head-major channels."""
+  *lead, n, c = x.shape
+  return x.reshape(*lead, n, num_heads, c // num_heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+  """(..., N, h, d) -> (..., N, h·d)."""
+  *lead, n, h, d = x.shape
+  return x.reshape(*lead, n, h * d)
+
+
+def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+  """Scaled logits Q Kᵀ · d^-½ in float32, as (B, h, N, M)."""
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("...nhd,...mhd->...hnm", q, k, preferred_element_type=jnp.float32)
+  return logits * scale
+
+
+def apply_attention(probs: jax.Array, v: jax.Array) -> jax.Array:
+  """(B, h, N, M) probabilities times (B, M, h, d) values -> (B, N, h, d) in v's dtype."""
+  return jnp.einsum("...hnm,...mhd->...nhd", probs.astype(v.dtype), v)
+
+
+def attention_probs(q: jax.Array, k: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """softmax(Q Kᵀ · d^-½) in float32; `mask` (broadcastable to B,h,N,M) is True where allowed."""
+  logits = attention_logits(q, k)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def attend(module: nn.Module, q: jax.Array, k: jax.Array, v: jax.Array,
+           mask: jax.Array | None = None) -> jax.Array:
+  """Attention output (B, N, h, d) for q (B,N,h,d), k/v (B,M,h,d).
+
+  `module` is the calling Flax module: when its `"attention"` collection is mutable the
+  probabilities are sown there (key "probs") for inspection.
+  """
+  if module.is_mutable_collection(ATTENTION_COLLECTION) and not module.is_initializing():
+    probs = attention_probs(q, k, mask)
+    module.sow(ATTENTION_COLLECTION, "probs", probs)
+    return apply_attention(probs, v)
+  if mask is not None and mask.ndim == 4 and mask.shape[1] == 1:
+    mask = jnp.broadcast_to(mask, mask.shape[:1] + (q.shape[2],) + mask.shape[2:])
+  # The XLA implementation upcasts the logits to float32 before the softmax.
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5)
+  return out.astype(v.dtype)

@@ -1,0 +1,32 @@
+"""Shared test setup: 8 simulated CPU devices, quiet TensorFlow, optional reference models."""
+import os
+
+# Must happen before JAX initialises its backend: sharding tests need 8 devices; every other
+# test runs on device 0 as usual.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pathlib
+
+import pytest
+
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def timm():
+  """timm (with the torchvision stand-in if needed); skips without the `reference` extra."""
+  try:
+    from effvit.reference import import_timm
+    return import_timm()
+  except ModuleNotFoundError as e:
+    pytest.skip(f"reference extra not installed ({e.name} missing): "
+                "pip install -e '.[reference]' && pip install --no-deps timm==1.0.31")
+
+
+@pytest.fixture(scope="session")
+def imagenet_sample():
+  path = SHARED / "data" / "imagenet-sample"
+  if not path.is_dir():
+    pytest.skip(f"{path} not present (real-JPEG tests need ../shared beside the checkout)")
+  return path
