@@ -10,6 +10,7 @@ from typing import Iterable
 
 class EffvitError(ValueError):
   """A mistake in the user's input (config, command line, files), not a bug."""
+  exit_code = 2
 
 
 class ConfigError(EffvitError):

@@ -131,3 +131,42 @@ class PEG(nn.Module):
     y = nn.Conv(c, (3, 3), padding=1, feature_group_count=c, kernel_init=conv_init(c),
                 dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(m)
     return x + map_to_tokens(y)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over the last axis with PyTorch's semantics (ResNeSt).
+
+  Eval normalises with the running statistics; `train=True` with the biased batch statistics
+  and, outside init, updates r <- momentum·r + (1 - momentum)·stat (flax convention: 0.9 is
+  PyTorch's momentum 0.1). The running variance takes the unbiased batch variance, as PyTorch
+  does (flax's nn.BatchNorm stores the biased one), so a training step matches torch exactly.
+  Statistics and normalisation run in float32; the output is cast to `dtype`.
+  Variables: params `scale`, `bias`; batch_stats `mean`, `var` (nn.BatchNorm's names).
+  """
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  scale_init: Any = nn.initializers.ones
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    c = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+    scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      mean = x32.mean(axes)
+      var = jnp.square(x32 - mean).mean(axes)   # two-pass: no cancellation on large means
+      if not self.is_initializing():
+        n = x.size // c
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = (self.momentum * ra_var.value
+                        + (1 - self.momentum) * var * (n / max(n - 1, 1)))
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    mul = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+    return ((x32 - mean) * mul + bias.astype(jnp.float32)).astype(self.dtype)

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Callable
 
 import flax.linen as nn
+import numpy as np
 
 from effvit.errors import ConfigError, closest
 
@@ -33,6 +34,25 @@ def create_model(name: str, **overrides) -> nn.Module:
     raise ConfigError(f"unknown model {name!r}{closest(name, _MODELS, n=5)}; "
                       f"see effvit.models.list_models()")
   return _MODELS[name](**overrides)
+
+
+def model_fields(name: str) -> dict:
+  """All settings of model `name` with their values: what `create_model` overrides accept.
+
+  Dtypes become their names and tuples stay tuples, so the result can seed a ConfigDict
+  whose every field is settable from the command line.
+  """
+  model = create_model(name)
+  cfg = getattr(model, "config", None)
+  if dataclasses.is_dataclass(cfg):
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+  else:
+    values = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+              if f.name not in ("parent", "name")}
+  for key, value in values.items():
+    if key.endswith("dtype"):
+      values[key] = np.dtype(value).name
+  return values
 
 
 def build_from_table(config_cls, module_cls, base: dict, variant: dict, overrides: dict,
