@@ -104,11 +104,12 @@ def abstract_variables(model, input_size: int = 224) -> dict:
 
 def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], *,
                           skip: tuple[str, ...] = (), init_variables: dict | None = None,
-                          **overrides) -> dict:
+                          reinit_mismatched: tuple[str, ...] = (), **overrides) -> dict:
   """Flax variables of model `name` (built with `overrides`) holding `state_dict`'s weights.
 
   `skip` holds regexes of canonical PyTorch keys (e.g. r"^head\\.") left as in
-  `init_variables` instead; use it to drop a classifier head when fine-tuning.
+  `init_variables` instead; `reinit_mismatched` does so only where the shapes differ (a
+  classifier head with another number of classes when fine-tuning).
   Raises ConfigError naming missing, unexpected or mis-shaped keys.
   """
   model = create_model(name, **overrides)
@@ -131,6 +132,10 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], *,
       continue
     used.add(key)
     w = _to_flax_layout(path[-1], sd[key])
+    if w.shape != leaf.shape and path in init_flat and any(
+        re.search(p, key) for p in reinit_mismatched):
+      out[path] = init_flat[path]
+      continue
     if w.shape != leaf.shape:
       bad_shape.append(f"{key}: checkpoint {tuple(sd[key].shape)} vs model {leaf.shape}")
       continue
@@ -148,10 +153,41 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], *,
   return traverse_util.unflatten_dict(out)
 
 
+# Canonical name -> the reference's name, so an export loads strictly into timm (or, for
+# PVTv1, which timm lacks, into the original repo) and from_torch_state_dict round-trips.
+def _export_renames(name: str, num_stages: int) -> list[tuple[str, Any]]:
+  plus1 = lambda fmt: lambda m: fmt.format(int(m.group(1)) + 1)
+  if name.startswith("pvt_v1"):
+    return [(r"^stages\.(\d+)\.patch_embed\.", plus1("patch_embed{}.")),
+            (r"^stages\.(\d+)\.blocks\.", plus1("block{}.")),
+            (r"^stages\.(\d+)\.pos_embed$", plus1("pos_embed{}")),
+            (rf"^stages\.{num_stages - 1}\.cls_token$", "cls_token")]
+  if name.startswith("pvt_v2"):
+    return [(r"^stages\.0\.patch_embed\.", "patch_embed."),
+            (r"^stages\.(\d+)\.patch_embed\.", r"stages.\1.downsample.")]
+  if name.startswith("twins"):
+    return [(r"^stages\.(\d+)\.patch_embed\.", r"patch_embeds.\1."),
+            (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"blocks.\1.\2."),
+            (r"^stages\.(\d+)\.pos_block\.proj\.", r"pos_block.\1.proj.0.")]
+  return []
+
+
 def to_torch_state_dict(name: str, variables: dict) -> dict[str, np.ndarray]:
-  """Canonical PyTorch-layout arrays for Flax `variables` (the inverse mapping, for export)."""
+  """PyTorch-layout arrays for Flax `variables` under the reference's key names (for export).
+
+  Names are timm's (PVTv2, Twins, ResNeSt) or the original repo's (PVTv1), so
+  to_torch_state_dict(name, from_torch_state_dict(name, sd)) == sd for a timm state_dict.
+  """
   flat = traverse_util.flatten_dict(jax.device_get(variables))
-  return {torch_key(p[1:]): _to_torch_layout(p[-1], np.asarray(v)) for p, v in flat.items()}
+  num_stages = len({p[1] for p in flat if len(p) > 2 and p[1].startswith("stages_")})
+  rules = _export_renames(name, num_stages)
+  out = {}
+  for path, value in flat.items():
+    key = torch_key(path[1:])
+    for pattern, repl in rules:
+      key = re.sub(pattern, repl, key)
+    out[key] = _to_torch_layout(path[-1], np.asarray(value))
+  return out
 
 
 def load_state_dict_file(path: str) -> dict[str, np.ndarray]:

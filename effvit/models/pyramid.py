@@ -17,8 +17,8 @@ cycle over the stage's blocks of
     sra         spatial-reduction attention with the stage's sr_ratio (R = 1: global)
     linear_sra  linear SRA, average-pooled to the stage's pool_size
     lsa         locally-grouped attention in the stage's window
-    less        LaViT less attention: the first va_layers blocks compute attention (with the
-                stage's sr_ratio), the rest transform the previous block's matrix
+    less        LaViT less attention: the first va_layers "less" blocks compute attention (with
+                the stage's sr_ratio), the rest transform the previous "less" block's matrix
 e.g. Twins-SVT is ("lsa/sra",)*4 and a PVTv2 with windowed stages 1-2 is
 ("lsa/sra", "lsa/sra", "sra", "sra").
 
@@ -93,9 +93,16 @@ class PyramidConfig:
   drop_rate: float = 0.0               # dropout before the head and inside MLPs
   attn_drop_rate: float = 0.0
   drop_path_rate: float = 0.0
-  # Less attention (LaViT): see effvit/attention/less.py.
-  va_layers: Sequence[int] = (1, 1, 1, 1)
-  la_input: str = "probs"
+  # Less attention (LaViT): see effvit/attention/less.py for the equations and each default.
+  va_layers: Sequence[int] = (1, 1, 1, 1)  # vanilla layers first in each "less" stage; rest LA
+  la_input: str = "probs"              # what VA hands to LA: "probs" (literal) | "logits"
+  la_share_heads: bool = True          # one Θ/Ψ per layer for all heads
+  la_identity_init: bool = True        # Θ = Ψ = I, zero bias (else trunc-normal .02)
+  la_residual: bool = True             # residual attention downsampling across stages
+  la_residual_on: str = "probs"        # add it to the post-softmax A (literal) | "logits"
+  la_residual_ds: str = "pool"         # shrink the grids by "pool" | "conv" (learned, k = s)
+  la_dp_loss: str = "bounded"          # diagonality loss "bounded" | "literal" | "none" (not
+                                       # sown); its λ is the trainer's aux_loss_weights.dp_loss
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -131,6 +138,9 @@ class PyramidConfig:
     if self.pos_embed not in POS_EMBED_KINDS:
       raise ConfigError(f"unknown pos_embed {self.pos_embed!r}; choose from "
                         f"{', '.join(POS_EMBED_KINDS)}")
+    if any(any(self.less_roles(i)) for i in range(n)):
+      from effvit.attention.less import check_config  # LaViT; imported lazily
+      check_config(self)
     if self.cls_token:
       kinds = set(block_mixer_kinds(self.mixers[-1], self.depths[-1]))
       if kinds - {"mhsa", "sra"} or ("sra" in kinds and self.sr_ratios[-1] != 1):
@@ -145,6 +155,27 @@ class PyramidConfig:
 
   def min_input_size(self) -> int:
     return 1 if self.overlap_patch_embed else int(np.prod(self.patch_strides))
+
+  def token_grids(self, hw: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+    """Token grid of every stage for an input of size hw (default img_size x img_size)."""
+    h, w = hw or (self.img_size, self.img_size)
+    grids = []
+    for s in self.patch_strides:  # overlapping embeddings pad to ceil sizes, the others floor
+      h, w = (-(-h // s), -(-w // s)) if self.overlap_patch_embed else (h // s, w // s)
+      grids.append((h, w))
+    return grids
+
+  def less_roles(self, stage: int) -> list[str | None]:
+    """Per block of a stage: "va" / "la" for "less" blocks (first va_layers are VA), else None."""
+    roles, seen = [], 0
+    for kind in block_mixer_kinds(self.mixers[stage], self.depths[stage]):
+      if kind != "less":
+        roles.append(None)
+        continue
+      va = stage < len(self.va_layers) and seen < self.va_layers[stage]
+      roles.append("va" if va else "la")
+      seen += 1
+    return roles
 
 
 class PyramidTransformer(nn.Module):
@@ -166,6 +197,9 @@ class PyramidTransformer(nn.Module):
       raise ConfigError(f"input {h}x{w} is too small for this model: non-overlapping patch "
                         f"embeddings with strides {tuple(cfg.patch_strides)} need H and W >= "
                         f"{cfg.min_input_size()}")
+    if any("la" in cfg.less_roles(i) for i in range(len(cfg.depths))):
+      from effvit.attention.less import check_input  # LaViT: Θ/Ψ fix the token counts
+      check_input(cfg, (h, w))
     dprs = cfg.block_drop_path_rates()
     maps, carry, tokens = [], None, None
     for i in range(len(cfg.depths)):
@@ -208,8 +242,10 @@ class PyramidStage(nn.Module):
       x = nn.Dropout(cfg.drop_rate)(x, deterministic=deterministic)
     kinds = block_mixer_kinds(cfg.mixers[i], cfg.depths[i])
     for j, kind in enumerate(kinds):
-      x, carry = Block(cfg, i, j, kind, self.drop_path_rates[j], name=f"blocks_{j}")(
+      x, out = Block(cfg, i, j, kind, self.drop_path_rates[j], name=f"blocks_{j}")(
           x, hw, carry, deterministic=deterministic)
+      # LaViT: in a stage with "less" blocks, other mixers pass the last attention through.
+      carry = carry if kind != "less" and "less" in kinds else out
       if j == 0 and cfg.pos_embed == "peg":
         x = PEG(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="pos_block")(x, hw)
     if cfg.stage_norms:

@@ -1,0 +1,1 @@
+"""Training: loop, train state, optimizer, sharding, checkpointing, metric writing."""

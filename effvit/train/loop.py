@@ -1,0 +1,319 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Order of work: validate everything that can be wrong (model, dataset, mesh, batch, workdir,
+model_init) before the first byte is written; then build the sharded state under jit, resume
+from the newest readable checkpoint in the workdir (or start from `model_init`), and loop.
+Re-running the same command resumes; SIGTERM / SIGINT save a checkpoint and exit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import ml_collections
+from flax import traverse_util
+from jax.experimental import multihost_utils
+
+from effvit import convert, profile
+from effvit.data import pipeline
+from effvit.errors import ConfigError, EffvitError
+from effvit.evaluate import Evaluator, make_evaluators
+from effvit.models import create_model
+from effvit.train import checkpoint, optimizer, sharding
+from effvit.train.metrics import create_writer
+from effvit.train.state import NONFINITE_LOSS, TrainState, create_state, train_step
+
+log = logging.getLogger("effvit")
+
+
+class NonFiniteError(EffvitError):
+  """Training produced a non-finite loss or gradient (config.nonfinite = "stop")."""
+  exit_code = 3
+
+
+@dataclasses.dataclass
+class Plan:
+  """Everything validated before anything is written."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  model: Any
+  mesh: Any
+  num_classes: int
+  num_train_examples: int
+  total_steps: int
+  steps_per_epoch: float
+  local_batch: int
+  image_shape: tuple[int, ...]
+  evaluators: list[Evaluator]
+
+
+def validate(config: ml_collections.ConfigDict, workdir: str) -> Plan:
+  if not workdir:
+    raise ConfigError("--workdir is required")
+  if config.nonfinite not in ("stop", "skip"):
+    raise ConfigError(f"nonfinite={config.nonfinite!r}: choose 'stop' or 'skip'")
+  for key in ("total_steps", "num_train_examples", "log_every_steps", "checkpoint_every_steps",
+              "eval_every_steps", "keep_checkpoints"):
+    if config[key] < 0:
+      raise ConfigError(f"{key}={config[key]} must be >= 0")
+  if config.total_epochs < 0 or config.optimizer.base_lr < 0:
+    raise ConfigError("total_epochs and optimizer.base_lr must be >= 0")
+  if config.optimizer.accum_steps < 1:
+    raise ConfigError(f"optimizer.accum_steps={config.optimizer.accum_steps} must be >= 1")
+  model = create_model(config.model_name, **config.model)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch_size(config.input.batch_size, mesh)
+  num_classes, n_train = pipeline.dataset_info(config.input.dataset, config.input.split,
+                                               config.input.get("data_dir"))
+  if num_classes != config.model.num_classes:
+    raise ConfigError(f"{config.input.dataset} has {num_classes} classes but "
+                      f"model.num_classes={config.model.num_classes}; set "
+                      f"--config.model.num_classes={num_classes}")
+  n_train = config.num_train_examples or n_train
+  steps_per_epoch = n_train / config.input.batch_size
+  total = config.total_steps or int(math.ceil(config.total_epochs * steps_per_epoch))
+  size = config.input.image_size
+  image_shape = (1, size, size, 3)
+  # Trace the model once at the training resolution: size constraints fail here, not mid-run.
+  jax.eval_shape(lambda x: model.init(jax.random.key(0), x),
+                 jax.ShapeDtypeStruct(image_shape, jnp.float32))
+  evaluators = make_evaluators(config, model, mesh)
+  check_workdir(config, workdir)
+  if config.model_init:
+    convert.load_state_dict_file(config.model_init)   # readable? (shapes are checked later)
+  return Plan(config, workdir, model, mesh, num_classes, n_train, total, steps_per_epoch,
+              config.input.batch_size // jax.process_count(), image_shape, evaluators)
+
+
+def check_workdir(config, workdir: str) -> None:
+  """A workdir holds one run: refuse to resume a run of another model into it."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    old = json.load(f)
+  if old.get("model_name") != config.model_name:
+    raise ConfigError(f"workdir {workdir} holds a run of {old.get('model_name')}, not "
+                      f"{config.model_name}: use another --workdir")
+  new_model = json.loads(config.model.to_json())
+  changed = [k for k in new_model if old.get("model", {}).get(k) != new_model[k]]
+  if changed:
+    k = changed[0]
+    raise ConfigError(f"workdir {workdir} holds a run with model.{k}="
+                      f"{old['model'].get(k)!r}, now {new_model[k]!r}: use another --workdir")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  plan = validate(config, workdir)
+  return Trainer(plan).run()
+
+
+class Trainer:
+
+  def __init__(self, plan: Plan):
+    self.plan, self.config = plan, plan.config
+    c = self.config
+    self.updates_total = max(plan.total_steps // c.optimizer.accum_steps, 1)
+    self.schedule = optimizer.make_schedule(
+        c, self.updates_total, plan.steps_per_epoch / c.optimizer.accum_steps)
+    self.tx = optimizer.make_optimizer(c, self.schedule)
+    self.batch_sharding = sharding.batch_sharding(plan.mesh)
+    self.rng = jax.random.key(c.seed)
+    init = functools.partial(create_state, plan.model, self.tx, image_shape=plan.image_shape,
+                             ema=c.optimizer.ema_decay > 0)
+    abstract = jax.eval_shape(init, self.rng)
+    self.state_sharding = sharding.state_shardings(plan.mesh, abstract)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+        self.state_sharding)
+    self._init = jax.jit(init, out_shardings=self.state_sharding)
+    step_fn = functools.partial(
+        train_step, model=plan.model, tx=self.tx, base_rng=jax.random.fold_in(self.rng, 1),
+        num_classes=plan.num_classes, mixup=dict(c.mixup), aux_weights=dict(c.aux_loss_weights),
+        ema_decay=c.optimizer.ema_decay)
+    self._step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
+                         out_shardings=(self.state_sharding, sharding.replicated(plan.mesh)),
+                         donate_argnums=(0,))
+    self._signal = None
+
+  # --- setup -------------------------------------------------------------------------------
+  def write_run_files(self) -> None:
+    os.makedirs(self.plan.workdir, exist_ok=True)
+    if jax.process_index() == 0:
+      with open(os.path.join(self.plan.workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(self.config.to_json_best_effort(indent=2))
+
+  def initial_state(self, ckpt: checkpoint.Checkpointer) -> TrainState:
+    restored = ckpt.restore(self.abstract_state)
+    if restored is not None:
+      state, meta, step = restored
+      log.info("resumed from checkpoint at step %d", step)
+      return state
+    with jax.set_mesh(self.plan.mesh):
+      state = self._init(self.rng)
+    if self.config.model_init:
+      state = self.load_model_init(state)
+    return state
+
+  def load_model_init(self, state: TrainState) -> TrainState:
+    c = self.config
+    sd = convert.load_state_dict_file(c.model_init)
+    init_vars = {"params": state.params}
+    if state.batch_stats:
+      init_vars["batch_stats"] = state.batch_stats
+    loaded = convert.from_torch_state_dict(
+        c.model_name, sd, init_variables=jax.device_get(init_vars),
+        reinit_mismatched=(r"^(head|fc)\.",), **c.model)
+    loaded = jax.device_put(loaded, {"params": self.state_sharding.params,
+                                     **({"batch_stats": self.state_sharding.batch_stats}
+                                        if state.batch_stats else {})})
+    log.info("initialised from %s", c.model_init)
+    return state.replace(params=loaded["params"], opt_state=self.tx.init(loaded["params"]),
+                         batch_stats=loaded.get("batch_stats", state.batch_stats),
+                         ema_params=(jax.tree.map(jnp.copy, loaded["params"])
+                                     if state.ema_params else {}))
+
+  def _on_signal(self, signum, frame):
+    self._signal = signum
+
+  # --- the loop ----------------------------------------------------------------------------
+  def run(self) -> dict:
+    p, c = self.plan, self.config
+    self.write_run_files()
+    writer = create_writer(p.workdir)
+    ckpt = checkpoint.Checkpointer(p.workdir, keep=c.keep_checkpoints)
+    state = self.initial_state(ckpt)
+    start = int(jax.device_get(state.step))
+    cost = profile.model_cost(p.model, c.input.image_size, variables={"params": state.params,
+                              **({"batch_stats": state.batch_stats} if state.batch_stats else {})})
+    log.info("model %s: %s params, %.3f GMACs at %d px; %d devices %s, global batch %d "
+             "(%d per host); steps %d -> %d", c.model_name, f"{cost['params']:,}",
+             cost["gmacs"], c.input.image_size, p.mesh.size, dict(p.mesh.shape),
+             c.input.batch_size, p.local_batch, start, p.total_steps)
+    if start == 0:
+      writer.write_hparams({"num_params": cost["params"], "gmacs": cost["gmacs"]})
+    old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    batches = pipeline.train_iterator(
+        c.input, local_batch_size=p.local_batch, seed=c.seed, start_step=start,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    final = {}
+    try:
+      final = self._loop(state, start, batches, writer, ckpt)
+    finally:
+      for s, h in old_handlers.items():
+        signal.signal(s, h)
+      ckpt.close()
+      writer.flush()
+      writer.close()
+    return final
+
+  def _loop(self, state, start, batches, writer, ckpt) -> dict:
+    p, c = self.plan, self.config
+    progress = _progress(start, p.total_steps)
+    t0, last_log, final, m = time.time(), start, {}, {}
+    step = start
+    with jax.set_mesh(p.mesh):
+      while step < p.total_steps:
+        batch = sharding.global_batch(next(batches), self.batch_sharding)
+        state, metrics = self._step(state, batch)
+        step += 1
+        last = step == p.total_steps
+        if self._interrupted():
+          self._check_finite(state, step, ckpt)
+          ckpt.save(step, state, self.meta(step))
+          ckpt.wait()
+          log.warning("signal %d: saved checkpoint at step %d; re-run the same command to "
+                      "resume", self._signal, step)
+          progress.close()
+          sys.exit(128 + self._signal)
+        if step % max(c.log_every_steps, 1) == 0 or last:
+          self._check_finite(state, step, ckpt)
+          m = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+          m["train/lr"] = float(self.schedule(step // c.optimizer.accum_steps))
+          m["train/nonfinite_steps"] = int(jax.device_get(state.nonfinite_count))
+          dt = time.time() - t0
+          m["train/images_per_sec"] = (step - last_log) * c.input.batch_size / max(dt, 1e-9)
+          writer.write_scalars(step, m)
+          progress.update(step, m)
+          t0, last_log = time.time(), step
+        if c.eval_every_steps and (step % c.eval_every_steps == 0 or last):
+          for ev in p.evaluators:
+            res = ev.run(self.eval_variables(state))
+            writer.write_scalars(step, res)
+            final.update(res)
+            log.info("step %d: %s", step, "  ".join(f"{k}={v:.4f}" for k, v in res.items()))
+        if (c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0) or last:
+          self._check_finite(state, step, ckpt)
+          ckpt.save(step, state, self.meta(step))
+    progress.close()
+    self.state = state
+    return {**m, **final}
+
+  def eval_variables(self, state: TrainState) -> dict:
+    v = {"params": state.params}
+    if state.batch_stats:
+      v["batch_stats"] = state.batch_stats
+    return v
+
+  def meta(self, step: int) -> dict:
+    return {"step": step, "model_name": self.config.model_name, "seed": self.config.seed,
+            "global_batch": self.config.input.batch_size, "time": time.time()}
+
+  def _interrupted(self) -> bool:
+    if jax.process_count() == 1:
+      return self._signal is not None
+    flags = multihost_utils.process_allgather(np.int32(self._signal or 0))
+    if flags.any() and self._signal is None:
+      self._signal = int(flags.max())
+    return bool(flags.any())
+
+  def _check_finite(self, state: TrainState, step: int, ckpt) -> None:
+    if self.config.nonfinite != "stop":
+      return
+    first = jax.device_get(state.first_nonfinite)
+    if first[0] < 0:
+      return
+    ckpt.wait()
+    good = ckpt.all_steps()
+    what = "loss" if first[1] == NONFINITE_LOSS else "gradient norm"
+    raise NonFiniteError(
+        f"non-finite {what} at step {int(first[0]) + 1}; the update was not applied and "
+        f"training stopped. Last checkpoint: "
+        f"{'step ' + str(good[-1]) if good else 'none'} (intact). Lower the learning rate, "
+        f"enable gradient clipping, or set --config.nonfinite=skip")
+
+
+class _progress:
+  """A tqdm bar on process 0 showing loss, lr, images/s and ETA."""
+
+  def __init__(self, start: int, total: int):
+    self.bar = None
+    if jax.process_index() == 0:
+      from tqdm import tqdm
+      self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                      mininterval=1.0, file=sys.stderr)
+    self.pos = start
+
+  def update(self, step: int, m: dict) -> None:
+    if self.bar is None:
+      return
+    self.bar.update(step - self.pos)
+    self.pos = step
+    self.bar.set_postfix(loss=f"{m['train/loss']:.4f}", lr=f"{m['train/lr']:.2e}",
+                         img_s=f"{m['train/images_per_sec']:.0f}", refresh=False)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+      self.bar = None
