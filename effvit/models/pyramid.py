@@ -54,7 +54,10 @@ PER_STAGE = ("embed_dims", "depths", "num_heads", "mlp_ratios", "sr_ratios", "mi
 def resolve_dtype(dtype) -> Any:
   """'bfloat16' / jnp.bfloat16 / np.dtype -> a jnp scalar type; a clear error otherwise."""
   names = ("float32", "bfloat16", "float16")
-  name = dtype if isinstance(dtype, str) else getattr(np.dtype(dtype), "name", str(dtype))
+  try:
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+  except TypeError:
+    name = str(dtype)
   if name not in names:
     raise ConfigError(f"unknown dtype {dtype!r}{closest(str(name), names)}; choose from "
                       + ", ".join(names))
