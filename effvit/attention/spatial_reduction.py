@@ -26,7 +26,7 @@ import flax.linen as nn
 
 from effvit.attention import core
 from effvit.errors import ConfigError
-from effvit.layers import Dense, conv_init, gelu, layer_norm, map_to_tokens, tokens_to_map
+from effvit.layers import Dense, PatchConv, gelu, layer_norm, map_to_tokens, tokens_to_map
 
 Dtype = Any
 
@@ -68,8 +68,7 @@ class SpatialReductionAttention(nn.Module):
       raise ConfigError("spatial reduction needs a pure token map; a stage with a cls token "
                         "must use sr_ratio=1 (global attention)")
     m = tokens_to_map(x, hw)
-    conv = lambda k: nn.Conv(c, (k, k), strides=k, padding="VALID", kernel_init=conv_init(),
-                             dtype=self.dtype, param_dtype=self.param_dtype, name="sr")
+    conv = lambda k: PatchConv(c, k, dtype=self.dtype, param_dtype=self.param_dtype, name="sr")
     if self.linear:
       m = conv(1)(adaptive_avg_pool(m, self.pool_size))
       return gelu(layer_norm(1e-5, "norm")(map_to_tokens(m)))

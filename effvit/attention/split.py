@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from effvit.errors import ConfigError
-from effvit.layers import BatchNorm, conv_init
+from effvit.layers import BatchNorm, GroupedConv
 
 Dtype = Any
 
@@ -82,9 +82,8 @@ class SplitAttention(nn.Module):
     a = attention_width(gw, r, k, self.attn_channels)
     if x.shape[-1] != gw:
       raise ConfigError(f"split attention of width {gw} got {x.shape[-1]} input channels")
-    conv = lambda f, kernel, groups, name, **kw: nn.Conv(
-        f, (kernel, kernel), feature_group_count=groups, kernel_init=conv_init(),
-        dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw)
+    conv = lambda f, kernel, groups, name, **kw: GroupedConv(
+        f, kernel, groups, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kw)
     norm = lambda name: BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     x = conv(r * gw, 3, k * r, "conv", strides=self.stride, padding=1, use_bias=False)(x)

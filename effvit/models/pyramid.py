@@ -106,6 +106,8 @@ class PyramidConfig:
   la_residual_ds: str = "pool"         # shrink the grids by "pool" | "conv" (learned, k = s)
   la_dp_loss: str = "bounded"          # diagonality loss "bounded" | "literal" | "none" (not
                                        # sown); its λ is the trainer's aux_loss_weights.dp_loss
+  remat: bool = False                  # recompute each block's activations in the backward
+                                       # pass (jax.checkpoint): less memory, ~1/3 more compute
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -244,9 +246,11 @@ class PyramidStage(nn.Module):
       x = x + self.learned_pos_embed(hw, with_cls=cfg.cls_token and last).astype(x.dtype)
       x = nn.Dropout(cfg.drop_rate)(x, deterministic=deterministic)
     kinds = block_mixer_kinds(cfg.mixers[i], cfg.depths[i])
+    # hw and deterministic are Python values: static under remat.
+    block_cls = nn.remat(Block, static_argnums=(2, 4)) if cfg.remat else Block
     for j, kind in enumerate(kinds):
-      x, out = Block(cfg, i, j, kind, self.drop_path_rates[j], name=f"blocks_{j}")(
-          x, hw, carry, deterministic=deterministic)
+      x, out = block_cls(cfg, i, j, kind, self.drop_path_rates[j], name=f"blocks_{j}")(
+          x, hw, carry, deterministic)
       # LaViT: in a stage with "less" blocks, other mixers pass the last attention through.
       carry = carry if kind != "less" and "less" in kinds else out
       if j == 0 and cfg.pos_embed == "peg":
@@ -296,7 +300,7 @@ class Block(nn.Module):
   drop_path_rate: float
 
   @nn.compact
-  def __call__(self, x, hw, carry, *, deterministic: bool):
+  def __call__(self, x, hw, carry, deterministic: bool = True):
     cfg, i = self.cfg, self.stage
     y, carry = build_mixer(cfg, i, self.index, self.kind)(
         layer_norm(1e-6, "norm1")(x), hw, deterministic=deterministic, carry=carry)

@@ -62,6 +62,8 @@ class ResNeStConfig:
   avd_first: bool = False                       # that pool before the split attention
   drop_rate: float = 0.0                        # dropout before fc
   drop_path_rate: float = 0.0
+  remat: bool = False                           # recompute each bottleneck's activations in
+                                                # the backward pass (jax.checkpoint)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -135,10 +137,11 @@ class ResNeSt(nn.Module):
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))   # pads are -inf
 
     maps = []
+    block_cls = nn.remat(Bottleneck, static_argnums=(2,)) if cfg.remat else Bottleneck
     for i, rates in enumerate(cfg.block_drop_path_rates()):
       for j, rate in enumerate(rates):
-        x = Bottleneck(cfg, cfg.planes[i], 2 if i > 0 and j == 0 else 1, rate,
-                       name=f"layer{i + 1}_{j}")(x, train)
+        x = block_cls(cfg, cfg.planes[i], 2 if i > 0 and j == 0 else 1, rate,
+                      name=f"layer{i + 1}_{j}")(x, train)
       maps.append(x)
     if return_features:
       return maps

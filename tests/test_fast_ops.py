@@ -1,0 +1,148 @@
+"""Fast reformulations of slow XLA:CPU ops against the ops they replace: values and gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import flax.linen as nn
+
+from effvit.layers import DepthwiseConv, GroupedConv, PatchConv, depthwise_conv
+from pyramid_helpers import abstract_variables, compile_fast, random_variables
+
+
+def grouped_conv(x, kernel):
+  """The reference: XLA's grouped conv, "same" zero padding, stride 1."""
+  k = kernel.shape[0] // 2, kernel.shape[1] // 2
+  return jax.lax.conv_general_dilated(
+      x, kernel[:, :, None, :], (1, 1), (k, k), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=x.shape[-1])
+
+
+@pytest.mark.parametrize("shape,k", [((2, 5, 7, 6), 3), ((1, 1, 1, 4), 3), ((3, 6, 4, 5), 5),
+                                     ((2, 3, 8, 3), 1)])
+def test_depthwise_conv_matches_grouped_conv(shape, k):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((k, k, shape[-1])), jnp.float32)
+  g = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  ours, ours_vjp = jax.vjp(depthwise_conv, x, kernel)
+  ref, ref_vjp = jax.vjp(grouped_conv, x, kernel)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+  for a, b in zip(ours_vjp(g), ref_vjp(g)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_depthwise_conv_second_use_and_jit():
+  # Used twice in one jitted loss, the custom gradient must sum both paths.
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((2, 6, 6, 3)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 3)), jnp.float32)
+  loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(f(x, k), k)))
+  ours = jax.jit(jax.grad(loss(depthwise_conv), argnums=(0, 1)))(x, kernel)
+  ref = jax.grad(loss(grouped_conv), argnums=(0, 1))(x, kernel)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_module_is_a_drop_in_for_nn_conv():
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 7, 5, 8)), jnp.float32)
+  ours = DepthwiseConv(3)
+  ref = nn.Conv(8, (3, 3), padding=1, feature_group_count=8)
+  variables = ours.init(jax.random.key(0), x)
+  shapes = jax.tree.map(jnp.shape, variables)
+  assert shapes == jax.tree.map(jnp.shape, ref.init(jax.random.key(0), x)), shapes
+  variables = jax.tree.map(lambda v: v + 0.3, variables)   # non-zero bias
+  np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  gx = jax.grad(lambda v: jnp.sum(ours.apply(v, x) ** 2))(variables)
+  gr = jax.grad(lambda v: jnp.sum(ref.apply(v, x) ** 2))(variables)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), gx, gr)
+
+
+def test_depthwise_conv_bfloat16_accumulates_in_float32():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((2, 6, 6, 4)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 4)), jnp.float32)
+  out = depthwise_conv(x.astype(jnp.bfloat16), kernel)
+  assert out.dtype == jnp.bfloat16
+  ref = grouped_conv(x.astype(jnp.bfloat16).astype(jnp.float32), kernel)
+  np.testing.assert_allclose(out.astype(jnp.float32), ref, rtol=1e-2, atol=2e-2)
+  dx, dk = jax.grad(lambda x, k: jnp.sum(depthwise_conv(x, k).astype(jnp.float32)),
+                    argnums=(0, 1))(x.astype(jnp.bfloat16), kernel)
+  assert dx.dtype == jnp.bfloat16 and dk.dtype == jnp.float32
+
+
+def test_depthwise_conv_rejects_even_kernels():
+  with pytest.raises(ValueError, match="odd kernel"):
+    depthwise_conv(jnp.zeros((1, 4, 4, 2)), jnp.zeros((2, 2, 2)))
+
+
+@pytest.mark.parametrize("groups,kernel,strides,padding,bias", [
+    (2, 3, 1, 1, False), (4, 3, 2, 1, True), (1, 1, 1, 0, True), (3, 1, 1, 0, True)])
+def test_grouped_conv_is_a_drop_in_for_nn_conv(groups, kernel, strides, padding, bias):
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 9, 7, 12)), jnp.float32)
+  ours = GroupedConv(24, kernel, groups, strides, padding, use_bias=bias)
+  ref = nn.Conv(24, (kernel, kernel), strides, padding, feature_group_count=groups,
+                use_bias=bias)
+  variables = ours.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, variables) == \
+      jax.tree.map(jnp.shape, ref.init(jax.random.key(0), x))
+  variables = jax.tree.map(lambda v: v + 0.1, variables)
+  np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  grads = [jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), argnums=(0, 1))(variables, x)
+           for m in (ours, ref)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), *grads)
+
+
+@pytest.mark.parametrize("patch,hw", [(4, (8, 12)), (2, (7, 5)), (8, (8, 8)), (1, (3, 4))])
+def test_patch_conv_is_a_drop_in_for_strided_nn_conv(patch, hw):
+  # Odd sizes: the last row / column that fills no patch is dropped, as VALID padding does.
+  x = jnp.asarray(np.random.default_rng(6).standard_normal((2, *hw, 5)), jnp.float32)
+  ours = PatchConv(6, patch)
+  ref = nn.Conv(6, (patch, patch), strides=patch, padding="VALID")
+  variables = jax.tree.map(lambda v: v + 0.1, ours.init(jax.random.key(0), x))
+  assert jax.tree.map(jnp.shape, variables) == \
+      jax.tree.map(jnp.shape, ref.init(jax.random.key(0), x))
+  np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  grads = [jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), argnums=(0, 1))(variables, x)
+           for m in (ours, ref)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), *grads)
+
+
+@pytest.mark.parametrize("name,kw,tol", [
+    ("pvt_v2_b0", dict(depths=(1, 1, 1, 1)), 2e-3),
+    ("twins_svt_small", dict(depths=(2, 2, 2, 2), drop_path_rate=0.1), 2e-3),
+    ("lavit_tiny", dict(img_size=32), 2e-3),
+    ("resnest14d", dict(drop_path_rate=0.1), 2e-2),
+])
+def test_remat_changes_memory_not_results(name, kw, tol):
+  from effvit.models import create_model
+  from effvit.train.state import aux_losses
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 32, 32, 3)), jnp.float32)
+  plain, remat = create_model(name, **kw), create_model(name, remat=True, **kw)
+  variables = random_variables(plain, x.shape)
+  assert jax.tree.map(jnp.shape, abstract_variables(remat, x.shape)) == \
+      jax.tree.map(jnp.shape, variables)
+
+  def loss(model):
+    def f(params):
+      out, mut = model.apply({**variables, "params": params}, x, train=True,
+                             rngs={"dropout": jax.random.key(1)},
+                             mutable=["batch_stats", "losses"])
+      aux = sum(aux_losses(mut.get("losses", {})).values())
+      return jnp.mean(out ** 2) + aux, mut.get("batch_stats", {})
+    return jax.value_and_grad(f, has_aux=True)
+
+  p = variables["params"]
+  (l0, s0), g0 = compile_fast(loss(plain), p)(p)
+  (l1, s1), g1 = compile_fast(loss(remat), p)(p)
+  np.testing.assert_allclose(l1, l0, rtol=1e-4)   # round-off of a recomputed forward
+  # Recomputation fuses differently: round-off only, but amplified by BatchNorm over 2 images
+  # of 1-4 pixels in ResNeSt's late stages (there, a 1e-7 change of the input moves gradients
+  # by 1%), so each leaf is compared against its own scale.
+  def close(a, b):
+    assert np.abs(a - b).max() <= tol * np.abs(b).max() + 1e-5, (np.abs(a - b).max(),
+                                                                 np.abs(b).max())
+  jax.tree.map(close, g1, g0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s1, s0)
