@@ -39,6 +39,15 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
+def check_variant(arg: ml_collections.ConfigDict, family: str, variants) -> str:
+  """arg.variant if it is one of `variants`, else a ValueError that lists them."""
+  from effvit.errors import closest
+  if arg.variant not in variants:
+    raise ValueError(f"unknown {family} variant {arg.variant!r}{closest(arg.variant, variants)}; "
+                     f"choose from {', '.join(variants)}")
+  return arg.variant
+
+
 def model_config(model_name: str, **overrides) -> ml_collections.ConfigDict:
   """Every field of the model's config with its default, so each one is overridable by flag."""
   from effvit.models.registry import model_fields
@@ -81,7 +90,7 @@ def base_config(model_name: str, *, num_classes: int = 1000, **model_overrides):
   c.nonfinite = "stop"                # "stop": exit non-zero; "skip": drop the update, count it
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))   # -1: all remaining devices
-  c.log_every_steps = 50
+  c.log_every_steps = 50              # log / checkpoint / eval every N steps; 0: at the end
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.eval_every_steps = 5000
@@ -100,7 +109,12 @@ def imagenet_eval(dataset: str, split: str, **kw) -> ml_collections.ConfigDict:
 
 
 def apply_common_args(c: ml_collections.ConfigDict, arg: ml_collections.ConfigDict):
-  """Shared `:key=value` shortcuts: batch, epochs, steps, res, runlocal (a 2-minute smoke run)."""
+  """Shared `:key=value` shortcuts: batch, epochs, steps, res, runlocal (a 2-minute smoke run),
+  evals (e.g. `evals=val+real+v2+a+r+sketch`: effvit.evaluate.STANDARD_EVALS, each with
+  evals.val's preprocessing)."""
+  if arg.get("evals"):
+    from effvit.evaluate import standard_evals
+    c.evals = standard_evals(arg.evals, template=c.evals.val)
   if arg.get("batch"):
     c.input.batch_size = arg.batch
   if arg.get("epochs"):
@@ -124,4 +138,4 @@ def apply_common_args(c: ml_collections.ConfigDict, arg: ml_collections.ConfigDi
   return c
 
 
-COMMON_ARGS = dict(variant="", batch=0, epochs=0, steps=0, res=0, runlocal=False)
+COMMON_ARGS = dict(variant="", batch=0, epochs=0, steps=0, res=0, runlocal=False, evals="")

@@ -11,6 +11,7 @@ DROP_PATH = dict(b0=0.1, b1=0.1, b2=0.1, b2_li=0.1, b3=0.3, b4=0.3, b5=0.3)
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, **{**common.COMMON_ARGS, "variant": "b2"})
+  common.check_variant(arg, "PVTv2", list(DROP_PATH))
   c = common.base_config(f"pvt_v2_{arg.variant}", drop_path_rate=DROP_PATH[arg.variant])
   if arg.variant in ("b3", "b4", "b5"):
     c.optimizer.grad_clip_norm = 1.0

@@ -18,6 +18,7 @@ EVAL = dict(resnest14d=(224, 0.875, "bilinear"), resnest26d=(224, 0.875, "biline
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, **{**common.COMMON_ARGS, "variant": "resnest50d"})
+  common.check_variant(arg, "ResNeSt", list(EVAL))
   size, crop, interp = EVAL[arg.variant]
   c = common.base_config(arg.variant)
   c.input.image_size = size

@@ -7,8 +7,11 @@ the wrong type, missing config files, and any EffvitError raised while validatin
 """
 from __future__ import annotations
 
+import importlib.machinery
+import ast
 import logging
 import os
+import re
 import sys
 from typing import Callable
 
@@ -16,10 +19,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+from ml_collections.config_flags import tuple_parser  # noqa: E402
 
 from effvit.errors import ConfigError, EffvitError, closest  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
+# config_flags defines the `--config.a.b` flags while parsing `--config`, from the argv it is
+# given here; parse_flags fills it (config_flags reads sys.argv otherwise, whatever we parse).
+_ARGV: list[str] = []
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True,
+                                          sys_argv=_ARGV)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run (checkpoints, logs).")
 _COORD = flags.DEFINE_string("coordinator_address", None,
                              "host:port of process 0 for multi-host runs (or set "
@@ -28,11 +36,43 @@ _NPROC = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host 
 _PID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
 _DIST = flags.DEFINE_bool("distributed", False,
                           "Call jax.distributed.initialize() with auto-detection (SLURM, ...).")
+_OVERRIDE = re.compile(r"^--?(no)?config\.")
+
+
+class _TupleParser(tuple_parser.TupleParser):
+  """ml_collections' tuple parser, plus bare strings: `--config.model.mixers=lsa/sra,sra,sra,sra`
+  (it would read that as a 1-tuple holding the whole text)."""
+
+  def parse(self, argument):
+    if isinstance(argument, str) and "," in argument:
+      try:
+        ast.literal_eval(argument)
+      except (ValueError, SyntaxError):
+        return tuple(_literal(p.strip()) for p in argument.strip("()").split(",") if p.strip())
+    return super().parse(argument)
+
+
+def _literal(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+config_flags.register_flag_parser_for_type(tuple, _TupleParser())
 
 
 def _one_line(e: BaseException) -> str:
-  text = str(e).strip().strip("'\"") or type(e).__name__
-  return " ".join(text.replace("\\n", "\n").split("\n")[0].split())
+  text = str(e).replace("\\n", "\n").strip()
+  lines = [line.strip() for line in text.split("\n") if line.strip()]
+  if not lines:
+    return type(e).__name__
+  line = " ".join(lines[0].split())
+  if "Traceback (most recent call last)" in text:
+    # config_flags wraps errors of get_config() in a traceback: its last line is the error.
+    line = re.sub(r"^[\w.]*(Error|Exception): ", "", lines[-1])
+  quoted = len(line) > 1 and line[0] == line[-1] and line[0] in "'\""
+  return line[1:-1] if quoted else line   # KeyError's message is the repr of the key
 
 
 def _lookup(cfg, path: str):
@@ -47,26 +87,49 @@ def _lookup(cfg, path: str):
     node = node[part]
 
 
-def parse_flags(argv: list[str]) -> None:
-  """absl flag parsing with one-line ConfigErrors instead of tracebacks and usage dumps."""
-  overrides = [a for a in argv[1:] if a.startswith("--config.")]
+def _parse(argv: list[str], what: str) -> list[str]:
+  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+    delattr(flags.FLAGS, name)   # override flags of an earlier parse write into its config
+  flags.FLAGS.unparse_flags()
+  _ARGV[:] = argv
   try:
-    flags.FLAGS([a for a in argv if not a.startswith("--config.")])
+    return flags.FLAGS(argv)
   except flags.Error as e:
     raise ConfigError(_one_line(e)) from None
   except Exception as e:  # errors raised while loading the config file or its get_config
-    raise ConfigError(f"cannot load --config: {_one_line(e)}") from None
-  if flags.FLAGS.config is None:
+    raise ConfigError(f"{what}: {_one_line(e)}") from None
+
+
+def parse_flags(argv: list[str], require_config: bool = True) -> None:
+  """absl flag parsing with one-line ConfigErrors instead of tracebacks and usage dumps.
+
+  The config is loaded once without the overrides, so that a mistyped field is reported by
+  name (with the closest ones), then again with them (config_flags applies and type-checks
+  them). Safe to call more than once in a process.
+  """
+  overrides = [a for a in argv[1:] if _OVERRIDE.match(a)]
+  rest = _parse([a for a in argv if not _OVERRIDE.match(a)], "cannot load --config")
+  config = flags.FLAGS.config
+  if config is None and not require_config:   # the tool takes the run's own config.json
+    if overrides:
+      raise ConfigError(f"{overrides[0].split('=')[0]} needs --config=FILE")
+    if rest[1:]:
+      raise ConfigError(f"unexpected argument {rest[1]!r}")
+    return
+  if config is None:
     raise ConfigError("--config is required, e.g. --config=configs/quickstart.py")
-  for o in overrides:
-    _lookup(flags.FLAGS.config, o[len("--config."):].split("=")[0])
-  flags.FLAGS.unparse_flags()
   try:
-    flags.FLAGS(argv)
-  except flags.Error as e:
-    raise ConfigError(_one_line(e)) from None
-  except Exception as e:
-    raise ConfigError(f"invalid override: {_one_line(e)}") from None
+    config.keys()
+  except OSError:  # config_flags defers "file not found" to the first use of the config
+    path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]
+    raise ConfigError(f"config file {path!r} not found") from None
+  for o in overrides:
+    _lookup(config, _OVERRIDE.sub("", o).split("=")[0])
+  if overrides:
+    rest = _parse(argv, "invalid override")
+  if rest[1:]:
+    raise ConfigError(f"unexpected argument {rest[1]!r}; flags are --config=FILE[:ARG], "
+                      "--workdir=DIR and --config.FIELD=VALUE")
 
 
 def init_distributed() -> None:
@@ -85,17 +148,20 @@ def init_distributed() -> None:
 
 
 def setup_logging() -> None:
+  # force: importing TensorFlow / TFDS (the config file does) already gave the root logger a
+  # WARNING-level handler, which would hide effvit's INFO lines (model, resume, evaluations).
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      datefmt="%H:%M:%S", stream=sys.stderr)
+                      datefmt="%H:%M:%S", stream=sys.stderr, force=True)
   for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run(main: Callable, argv: list[str] | None = None) -> None:
-  """Parse flags, call main(config, workdir); exit 2 with one line on a user error."""
+def run(main: Callable, argv: list[str] | None = None, require_config: bool = True) -> None:
+  """Parse flags, call main(config, workdir); exit 2 with one line on a user error.
+  With require_config=False a missing --config reaches main as None."""
   argv = list(sys.argv if argv is None else argv)
   try:
-    parse_flags(argv)
+    parse_flags(argv, require_config)
     setup_logging()
     init_distributed()
     result = main(flags.FLAGS.config, _WORKDIR.value)

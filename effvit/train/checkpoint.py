@@ -6,7 +6,10 @@ data position). Restoring always passes an abstract target whose leaves carry th
 mesh's shardings, so a checkpoint written on 8 devices restores onto 1 (and back).
 
 A checkpoint that cannot be read (truncated, corrupted) is reported with its step, moved
-aside to checkpoints/corrupt-<step>/ (never deleted) and the next older one is tried.
+aside to checkpoints/corrupt-<step>/ (never deleted) and the next older one is tried. A readable
+checkpoint whose train state has other leaves than the current config builds (another optimizer,
+accumulation, EMA or model) is a ConfigError and is left in place: its meta item lists the
+leaves ("path shape dtype") it was written with.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from effvit.errors import ConfigError
+
 log = logging.getLogger("effvit")
 
 
@@ -30,7 +35,8 @@ class Checkpointer:
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True,
+    # create=False: opening (to resume) writes nothing; the first save makes the directory.
+    options = ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=False,
                                            enable_async_checkpointing=self._async)
     return ocp.CheckpointManager(self.directory, options=options)
 
@@ -40,6 +46,7 @@ class Checkpointer:
   def save(self, step: int, state, meta: dict) -> None:
     if step in self._manager.all_steps():
       return
+    meta = {**meta, "state": signature(state)}
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -47,17 +54,36 @@ class Checkpointer:
     """(state, meta, step) of the newest readable checkpoint (or of `step`); None if none."""
     self._manager.wait_until_finished()
     candidates = [step] if step is not None else self.all_steps()[::-1]
+    want = signature(abstract_state)
     for s in candidates:
       try:
-        restored = self._manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        return restored["state"], dict(restored["meta"]), s
+        meta = dict(self._manager.restore(s, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"])
       except Exception as e:  # orbax raises many types for damaged files; report and go on
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         if step is not None:
           raise
-        self._quarantine(s, reason)
+        self._quarantine(s, _reason(e))
+        continue
+      if meta.get("state", want) != want:   # checkpoints without a signature: just try
+        raise ConfigError(self._mismatch(s, meta["state"], want))
+      try:
+        restored = self._manager.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
+        return restored["state"], meta, s
+      except Exception as e:
+        if step is not None:
+          raise
+        self._quarantine(s, _reason(e))
     return None
+
+  def _mismatch(self, step: int, saved: list[str], want: list[str]) -> str:
+    missing, extra = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
+    example = "; ".join([f"this config builds {x}" for x in missing[:1]]
+                        + [f"the checkpoint holds {x}" for x in extra[:1]])
+    return (f"checkpoint {step} in {self.directory} was written by a run with another train "
+            f"state ({len(missing) + len(extra)} leaves differ: {example}); optimizer, "
+            f"grad_clip_norm, accum_steps, ema_decay or model settings changed: use the run's "
+            f"settings (its config.json) or another --workdir")
 
   def _quarantine(self, step: int, reason: str) -> None:
     src = os.path.join(self.directory, str(step))
@@ -76,3 +102,13 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def signature(tree) -> list[str]:
+  """'path shape dtype' of every leaf: what a checkpoint must hold to restore into `tree`."""
+  return [f"{jax.tree_util.keystr(path)} {tuple(x.shape)} {x.dtype}"
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _reason(e: Exception) -> str:
+  return str(e).splitlines()[0][:200] if str(e) else type(e).__name__

@@ -1,12 +1,15 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-Order of work: validate everything that can be wrong (model, dataset, mesh, batch, workdir,
-model_init) before the first byte is written; then build the sharded state under jit, resume
-from the newest readable checkpoint in the workdir (or start from `model_init`), and loop.
-Re-running the same command resumes; SIGTERM / SIGINT save a checkpoint and exit.
+Order of work: validate everything that can be wrong (model, dataset, mesh, batch sizes,
+workdir, model_init) before the first byte is written; then build the sharded state under jit,
+resume from the newest readable checkpoint in the workdir (or start from `model_init`), and
+loop. Re-running the same command resumes; SIGTERM / SIGINT save a checkpoint and exit.
+Each log step writes one record (train metrics, and the evaluations of that step) to
+TensorBoard and metrics.jsonl; the run ends with an evaluation and returns the last record.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -15,6 +18,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -22,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import ml_collections
-from flax import traverse_util
 from jax.experimental import multihost_utils
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from effvit import convert, profile
 from effvit.data import pipeline
@@ -56,9 +60,16 @@ class Plan:
   local_batch: int
   image_shape: tuple[int, ...]
   evaluators: list[Evaluator]
+  data_block: int = 0   # the block of each global batch this process loads (process_block)
 
 
-def validate(config: ml_collections.ConfigDict, workdir: str) -> Plan:
+# Canonical PyTorch keys of the classifier heads, re-initialised by model_init where their
+# shape differs (fine-tuning to another number of classes).
+HEAD_KEYS = (r"^(head|fc)\.",)
+
+
+def validate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Plan:
+  """Every check that needs no training; raises EffvitError. `devices`: default all."""
   if not workdir:
     raise ConfigError("--workdir is required")
   if config.nonfinite not in ("stop", "skip"):
@@ -71,9 +82,15 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> Plan:
     raise ConfigError("total_epochs and optimizer.base_lr must be >= 0")
   if config.optimizer.accum_steps < 1:
     raise ConfigError(f"optimizer.accum_steps={config.optimizer.accum_steps} must be >= 1")
+  if not 0 <= config.optimizer.ema_decay < 1:
+    raise ConfigError(f"optimizer.ema_decay={config.optimizer.ema_decay} must be in [0, 1)")
   model = create_model(config.model_name, **config.model)
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch_size(config.input.batch_size, mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  sharding.check_batch_size(config.input.batch_size, mesh, "input.batch_size")
+  data_block = sharding.process_block(sharding.batch_sharding(mesh), config.input.batch_size)
+  pipeline.check_input_config(config.input)
+  for name, e in config.evals.items():
+    sharding.check_batch_size(e.batch_size, mesh, f"evals.{name}.batch_size")
   num_classes, n_train = pipeline.dataset_info(config.input.dataset, config.input.split,
                                                config.input.get("data_dir"))
   if num_classes != config.model.num_classes:
@@ -83,17 +100,22 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> Plan:
   n_train = config.num_train_examples or n_train
   steps_per_epoch = n_train / config.input.batch_size
   total = config.total_steps or int(math.ceil(config.total_epochs * steps_per_epoch))
-  size = config.input.image_size
-  image_shape = (1, size, size, 3)
-  # Trace the model once at the training resolution: size constraints fail here, not mid-run.
-  jax.eval_shape(lambda x: model.init(jax.random.key(0), x),
-                 jax.ShapeDtypeStruct(image_shape, jnp.float32))
+  image_shape = (1, config.input.image_size, config.input.image_size, 3)
+  # Trace the model at the training and evaluation sizes: size constraints (LaViT's fixed
+  # token counts, windows, reduction ratios) fail here, not after hours of training.
+  init = lambda x: model.init(jax.random.key(0), x)
+  abstract = jax.eval_shape(init, jax.ShapeDtypeStruct(image_shape, jnp.float32))
+  for e in config.evals.values():
+    jax.eval_shape(init, jax.ShapeDtypeStruct((1, e.image_size, e.image_size, 3), jnp.float32))
   evaluators = make_evaluators(config, model, mesh)
   check_workdir(config, workdir)
-  if config.model_init:
-    convert.load_state_dict_file(config.model_init)   # readable? (shapes are checked later)
+  if config.model_init:   # converts once against the abstract variables: keys and shapes
+    convert.from_torch_state_dict(
+        config.model_name, convert.load_state_dict_file(config.model_init),
+        init_variables=abstract, reinit_mismatched=HEAD_KEYS, **config.model)
   return Plan(config, workdir, model, mesh, num_classes, n_train, total, steps_per_epoch,
-              config.input.batch_size // jax.process_count(), image_shape, evaluators)
+              config.input.batch_size // jax.process_count(), image_shape, evaluators,
+              data_block)
 
 
 def check_workdir(config, workdir: str) -> None:
@@ -114,9 +136,12 @@ def check_workdir(config, workdir: str) -> None:
                       f"{old['model'].get(k)!r}, now {new_model[k]!r}: use another --workdir")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  plan = validate(config, workdir)
-  return Trainer(plan).run()
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+  """Train (or resume) the run in `workdir`; returns the last logged metrics and evaluations.
+
+  `devices` (default: all) lets a notebook or a test train on a subset of one host's devices.
+  """
+  return Trainer(validate(config, workdir, devices)).run()
 
 
 class Trainer:
@@ -141,11 +166,12 @@ class Trainer:
     step_fn = functools.partial(
         train_step, model=plan.model, tx=self.tx, base_rng=jax.random.fold_in(self.rng, 1),
         num_classes=plan.num_classes, mixup=dict(c.mixup), aux_weights=dict(c.aux_loss_weights),
-        ema_decay=c.optimizer.ema_decay)
+        ema_decay=c.optimizer.ema_decay, accum_steps=c.optimizer.accum_steps)
     self._step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
                          out_shardings=(self.state_sharding, sharding.replicated(plan.mesh)),
                          donate_argnums=(0,))
     self._signal = None
+    self.state = None   # the final state, after run()
 
   # --- setup -------------------------------------------------------------------------------
   def write_run_files(self) -> None:
@@ -162,106 +188,122 @@ class Trainer:
       return state
     with jax.set_mesh(self.plan.mesh):
       state = self._init(self.rng)
-    if self.config.model_init:
-      state = self.load_model_init(state)
-    return state
+    return self.load_model_init(state) if self.config.model_init else state
 
   def load_model_init(self, state: TrainState) -> TrainState:
     c = self.config
-    sd = convert.load_state_dict_file(c.model_init)
     init_vars = {"params": state.params}
     if state.batch_stats:
       init_vars["batch_stats"] = state.batch_stats
     loaded = convert.from_torch_state_dict(
-        c.model_name, sd, init_variables=jax.device_get(init_vars),
-        reinit_mismatched=(r"^(head|fc)\.",), **c.model)
-    loaded = jax.device_put(loaded, {"params": self.state_sharding.params,
-                                     **({"batch_stats": self.state_sharding.batch_stats}
-                                        if state.batch_stats else {})})
+        c.model_name, convert.load_state_dict_file(c.model_init),
+        init_variables=jax.device_get(init_vars), reinit_mismatched=HEAD_KEYS, **c.model)
+    params = loaded["params"]
+    state = state.replace(params=params, opt_state=self.tx.init(params),
+                          batch_stats=loaded.get("batch_stats", state.batch_stats),
+                          ema_params=jax.tree.map(np.copy, params) if state.ema_params else {})
     log.info("initialised from %s", c.model_init)
-    return state.replace(params=loaded["params"], opt_state=self.tx.init(loaded["params"]),
-                         batch_stats=loaded.get("batch_stats", state.batch_stats),
-                         ema_params=(jax.tree.map(jnp.copy, loaded["params"])
-                                     if state.ema_params else {}))
+    # Host arrays (and the optimizer state made from them) -> the state's shardings.
+    return jax.device_put(state, self.state_sharding)
 
   def _on_signal(self, signum, frame):
     self._signal = signum
 
   # --- the loop ----------------------------------------------------------------------------
   def run(self) -> dict:
+    """Trains to total_steps; returns the last record (train metrics and evaluations)."""
     p, c = self.plan, self.config
-    self.write_run_files()
-    writer = create_writer(p.workdir)
     ckpt = checkpoint.Checkpointer(p.workdir, keep=c.keep_checkpoints)
-    state = self.initial_state(ckpt)
-    start = int(jax.device_get(state.step))
-    cost = profile.model_cost(p.model, c.input.image_size, variables={"params": state.params,
-                              **({"batch_stats": state.batch_stats} if state.batch_stats else {})})
-    log.info("model %s: %s params, %.3f GMACs at %d px; %d devices %s, global batch %d "
-             "(%d per host); steps %d -> %d", c.model_name, f"{cost['params']:,}",
-             cost["gmacs"], c.input.image_size, p.mesh.size, dict(p.mesh.shape),
-             c.input.batch_size, p.local_batch, start, p.total_steps)
-    if start == 0:
-      writer.write_hparams({"num_params": cost["params"], "gmacs": cost["gmacs"]})
-    old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    writer = None
+    try:
+      state = self.initial_state(ckpt)   # reads only: a checkpoint that does not fit fails
+      start = int(jax.device_get(state.step))   # before anything is written
+      self.write_run_files()
+      writer = create_writer(p.workdir, start)
+      cost = profile.model_cost(p.model, c.input.image_size,
+                                variables=self.eval_variables(state, state.params))
+      log.info("model %s: %s params, %.3f GMACs at %d px; %d devices %s, global batch %d "
+               "(%d per host); steps %d -> %d", c.model_name, f"{cost['params']:,}",
+               cost["gmacs"], c.input.image_size, p.mesh.size, dict(p.mesh.shape),
+               c.input.batch_size, p.local_batch, start, p.total_steps)
+      if start == 0:
+        writer.write_hparams({"num_params": cost["params"], "gmacs": cost["gmacs"]})
+      if start >= p.total_steps:
+        log.info("the run is complete (step %d of %d): evaluating it", start, p.total_steps)
+        self.state = state
+        return self.evaluate(state, start)
+      with _signals(self._on_signal):
+        return self._loop(state, start, writer, ckpt)
+    finally:
+      ckpt.close()
+      if writer is not None:
+        writer.close()
+
+  def _loop(self, state, start, writer, ckpt) -> dict:
+    p, c = self.plan, self.config
+    # Each process loads the block of every global batch that its devices hold.
     batches = pipeline.train_iterator(
         c.input, local_batch_size=p.local_batch, seed=c.seed, start_step=start,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    final = {}
-    try:
-      final = self._loop(state, start, batches, writer, ckpt)
-    finally:
-      for s, h in old_handlers.items():
-        signal.signal(s, h)
-      ckpt.close()
-      writer.flush()
-      writer.close()
-    return final
-
-  def _loop(self, state, start, batches, writer, ckpt) -> dict:
-    p, c = self.plan, self.config
+        process_index=p.data_block, process_count=jax.process_count())
     progress = _progress(start, p.total_steps)
-    t0, last_log, final, m = time.time(), start, {}, {}
-    step = start
-    with jax.set_mesh(p.mesh):
+    step, record = start, {}
+    t0, timed_from = time.time(), start   # images/s: steps after the first (compilation)
+    with jax.set_mesh(p.mesh), logging_redirect_tqdm():   # log lines above the bar
       while step < p.total_steps:
         batch = sharding.global_batch(next(batches), self.batch_sharding)
         state, metrics = self._step(state, batch)
         step += 1
         last = step == p.total_steps
-        if self._interrupted():
+        if step == start + 1:
+          jax.block_until_ready(metrics)
+          log.info("first step took %.1fs (compilation included)", time.time() - t0)
+          t0, timed_from = time.time(), step
+        record = {}
+        if (c.log_every_steps and step % c.log_every_steps == 0) or last:
+          self._check_finite(state, step, ckpt)
+          record = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+          # The lr of the optimizer update this step is part of (the schedule counts updates).
+          record["train/lr"] = float(self.schedule((step - 1) // c.optimizer.accum_steps))
+          record["train/nonfinite_steps"] = int(jax.device_get(state.nonfinite_count))
+          if step > timed_from:
+            record["train/images_per_sec"] = ((step - timed_from) * c.input.batch_size
+                                              / max(time.time() - t0, 1e-9))
+          t0, timed_from = time.time(), step
+          progress.update(step, record)
+        if (c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0) or last:
+          self._check_finite(state, step, ckpt)
+          ckpt.save(step, state, self.meta(step))   # before evaluating: async, and safe
+        if (c.eval_every_steps and step % c.eval_every_steps == 0) or last:
+          record.update(self.evaluate(state, step))
+          t0, timed_from = time.time(), step     # keep evaluation out of images/s
+        if record:
+          writer.write_scalars(step, record)
+        if self._interrupted() and not last:
           self._check_finite(state, step, ckpt)
           ckpt.save(step, state, self.meta(step))
           ckpt.wait()
+          progress.close()
           log.warning("signal %d: saved checkpoint at step %d; re-run the same command to "
                       "resume", self._signal, step)
-          progress.close()
           sys.exit(128 + self._signal)
-        if step % max(c.log_every_steps, 1) == 0 or last:
-          self._check_finite(state, step, ckpt)
-          m = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
-          m["train/lr"] = float(self.schedule(step // c.optimizer.accum_steps))
-          m["train/nonfinite_steps"] = int(jax.device_get(state.nonfinite_count))
-          dt = time.time() - t0
-          m["train/images_per_sec"] = (step - last_log) * c.input.batch_size / max(dt, 1e-9)
-          writer.write_scalars(step, m)
-          progress.update(step, m)
-          t0, last_log = time.time(), step
-        if c.eval_every_steps and (step % c.eval_every_steps == 0 or last):
-          for ev in p.evaluators:
-            res = ev.run(self.eval_variables(state))
-            writer.write_scalars(step, res)
-            final.update(res)
-            log.info("step %d: %s", step, "  ".join(f"{k}={v:.4f}" for k, v in res.items()))
-        if (c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0) or last:
-          self._check_finite(state, step, ckpt)
-          ckpt.save(step, state, self.meta(step))
     progress.close()
     self.state = state
-    return {**m, **final}
+    return record
 
-  def eval_variables(self, state: TrainState) -> dict:
-    v = {"params": state.params}
+  def evaluate(self, state: TrainState, step: int) -> dict:
+    """Every evaluator on the params and, with EMA on, on the averaged params too."""
+    out = {}
+    for ev in self.plan.evaluators:
+      out.update(ev.run(self.eval_variables(state, state.params)))
+      if self.config.optimizer.ema_decay > 0:
+        res = ev.run(self.eval_variables(state, state.ema_params))
+        out.update({k.replace(f"{ev.name}/", f"{ev.name}_ema/", 1): v for k, v in res.items()})
+    if out:
+      log.info("step %d: %s", step, "  ".join(f"{k}={v:.4f}" for k, v in out.items()))
+    return out
+
+  def eval_variables(self, state: TrainState, params) -> dict:
+    v = {"params": params}
     if state.batch_stats:
       v["batch_stats"] = state.batch_stats
     return v
@@ -294,24 +336,45 @@ class Trainer:
         f"enable gradient clipping, or set --config.nonfinite=skip")
 
 
+@contextlib.contextmanager
+def _signals(handler):
+  """SIGTERM / SIGINT call `handler` (the loop then saves and exits) instead of killing the
+  process; the previous handlers come back afterwards. Python allows this in the main thread
+  only: elsewhere (a notebook's worker thread) signals keep their usual effect."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield
+  finally:
+    for s, h in old.items():
+      if h is not None:   # None: a handler installed outside Python, which cannot be restored
+        signal.signal(s, h)
+
+
 class _progress:
-  """A tqdm bar on process 0 showing loss, lr, images/s and ETA."""
+  """A tqdm bar on process 0: step / total, ETA, loss, lr and images/s."""
 
   def __init__(self, start: int, total: int):
     self.bar = None
     if jax.process_index() == 0:
       from tqdm import tqdm
       self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
-                      mininterval=1.0, file=sys.stderr)
+                      mininterval=1.0, file=sys.stderr,
+                      bar_format="{l_bar}{bar}| step {n_fmt}/{total_fmt} "
+                                 "[{elapsed}<{remaining} ETA{postfix}]")
     self.pos = start
 
   def update(self, step: int, m: dict) -> None:
     if self.bar is None:
       return
+    postfix = {"loss": f"{m['train/loss']:.4f}", "lr": f"{m['train/lr']:.2e}"}
+    if "train/images_per_sec" in m:
+      postfix["img/s"] = f"{m['train/images_per_sec']:.0f}"
+    self.bar.set_postfix(postfix, refresh=False)
     self.bar.update(step - self.pos)
     self.pos = step
-    self.bar.set_postfix(loss=f"{m['train/loss']:.4f}", lr=f"{m['train/lr']:.2e}",
-                         img_s=f"{m['train/images_per_sec']:.0f}", refresh=False)
 
   def close(self) -> None:
     if self.bar is not None:

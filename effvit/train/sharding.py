@@ -62,17 +62,40 @@ def state_shardings(mesh, abstract_state):
                       abstract_state)
 
 
-def check_batch_size(global_batch: int, mesh) -> None:
+def check_batch_size(global_batch: int, mesh, name: str = "global batch") -> None:
+  """`name` is the config field that holds the batch size, for the message."""
   n = mesh.size
   if global_batch <= 0 or global_batch % n:
     valid = ", ".join(str(n * k) for k in (1, 2, 4, 8, 16, 32))
-    raise ConfigError(f"global batch {global_batch} is not divisible by the {n} devices; "
+    raise ConfigError(f"{name}={global_batch} is not divisible by the {n} devices; "
                       f"use a multiple of {n} (e.g. {valid})")
   if global_batch % jax.process_count():
-    raise ConfigError(f"global batch {global_batch} must be divisible by the "
+    raise ConfigError(f"{name}={global_batch} must be divisible by the "
                       f"{jax.process_count()} processes")
 
 
+def process_block(sharding: NamedSharding, global_batch: int) -> int:
+  """i such that this process's devices hold rows [i·b, (i+1)·b) of a global batch (b: the
+  per-process batch): the block of the global batch its input pipeline must load."""
+  local = global_batch // jax.process_count()
+  rows = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
+                 for s in sharding.addressable_devices_indices_map((global_batch,)).values()})
+  start = rows[0][0]
+  covered = start
+  for lo, hi in rows:
+    if lo > covered:
+      break
+    covered = max(covered, hi)
+  if covered - start != local or start % local:
+    raise ConfigError(f"the mesh gives process {jax.process_index()} rows that are not one "
+                      f"block of {local} of the global batch; order the mesh's devices by "
+                      "process (jax.make_mesh does)")
+  return start // local
+
+
 def global_batch(local: dict, sharding: NamedSharding) -> dict:
-  """Host-local numpy batch -> global jax.Arrays split over the mesh (multi-host safe)."""
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
+  """Host-local numpy batch (this process's block, see process_block) -> global jax.Arrays
+  split over the mesh (multi-host safe)."""
+  n = jax.process_count()
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+      sharding, x, (x.shape[0] * n, *x.shape[1:])), local)

@@ -2,6 +2,8 @@
 
 The step is a pure function of (state, batch): its randomness (drop path, Mixup/CutMix) comes
 from fold_in(seed key, state.step), so a resumed run repeats an uninterrupted one exactly.
+`step` counts micro-steps; with gradient accumulation the optimizer (optax.MultiSteps) and the
+EMA of the params update every `accum_steps` of them.
 A step whose loss or gradient is not finite is never applied: the state keeps its previous
 values and records the event, so no host sync is needed per step and the last good
 parameters are always at hand.
@@ -52,7 +54,7 @@ def aux_losses(losses: dict) -> dict[str, jax.Array]:
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx, base_rng, num_classes: int,
-               mixup: dict, aux_weights: dict, ema_decay: float):
+               mixup: dict, aux_weights: dict, ema_decay: float, accum_steps: int = 1):
   rng = jax.random.fold_in(base_rng, state.step)
   mix_rng, drop_rng = jax.random.split(rng)
   images, targets = mixup_cutmix(mix_rng, batch["image"], batch["label"], num_classes, **mixup)
@@ -80,7 +82,10 @@ def train_step(state: TrainState, batch: dict, *, model, tx, base_rng, num_class
   new_params = keep(new_params, state.params)
   ema = state.ema_params
   if ema_decay > 0:
-    ema = jax.tree.map(lambda e, p: e * ema_decay + (1 - ema_decay) * p, ema, new_params)
+    # One average per optimizer update: with accumulation (optax.MultiSteps) the params only
+    # move every accum_steps micro-steps, and decaying in between would shorten the average.
+    decay = jnp.where((state.step + 1) % accum_steps == 0, ema_decay, 1.0)
+    ema = keep(jax.tree.map(lambda e, p: e * decay + (1 - decay) * p, ema, new_params), ema)
   what = jnp.where(loss_ok, NONFINITE_GRAD, NONFINITE_LOSS)
   first = jnp.where((state.first_nonfinite[0] < 0) & ~ok,
                     jnp.stack([state.step, what]), state.first_nonfinite)
