@@ -387,9 +387,10 @@ def test_default_configs_have_every_field():
   assert set(data.default_input_config().keys()) == {
       "dataset", "split", "data_dir", "image_size", "inception_crop", "crop_scale",
       "interpolation", "flip", "randaug_num_ops", "randaug_magnitude", "shuffle_buffer", "cache",
-      "mean", "std", "prefetch"}
+      "mean", "std", "prefetch", "process_split"}
   assert set(data.default_eval_config().keys()) == {
-      "dataset", "split", "data_dir", "image_size", "crop_pct", "interpolation", "mean", "std"}
+      "dataset", "split", "data_dir", "image_size", "crop_pct", "interpolation", "mean", "std",
+      "label_key", "multilabel", "class_subset"}
   cfg = data.default_input_config()
   cfg.data_dir = "/somewhere"  # a placeholder(str): settable from the command line
   assert cfg.data_dir == "/somewhere"

@@ -8,6 +8,9 @@ filters like PIL when shrinking; results are rounded and clipped to 0..255 as PI
 Evaluation (`eval_image`) is timm's: resize the shorter side to floor(size / crop_pct)
 (the longer one to int(that * long / short), as torchvision does), centre-crop size x size
 (offsets rounded half to even, as Python's `round`), scale to 0..1, normalise with mean/std.
+Its resize is Pillow's own algorithm (`resize_like_pil`: the same filter taps, 22-bit fixed-point
+weights, two passes in Pillow 13's order, each rounded and clipped to 0..255), so evaluation
+images equal, pixel for pixel, what timm's torchvision transform makes of the decoded JPEG.
 
 Training (`train_image`) is the DeiT recipe minus random erasing: Inception-style random resized
 crop (`stateless_sample_distorted_bounding_box`: area in `crop_scale` of the image, aspect ratio
@@ -68,12 +71,86 @@ def resize(image: tf.Tensor, height, width, method: str) -> tf.Tensor:
   return tf.clip_by_value(tf.round(out), 0.0, 255.0)
 
 
+# Pillow's 8-bit resampling (libImaging/Resample.c), re-derived for TensorFlow: per output
+# pixel, the filter's taps over [center - support, center + support) of the input, normalised to
+# sum 1, stored as integers scaled by 2**22 (rounded half away from zero); each pass adds 2**21,
+# shifts right by 22 (floor) and clips to 0..255.
+_PIL_BITS = 22
+
+
+def _pil_bicubic(x):
+  a = -0.5   # Pillow's cubic convolution constant
+  x = tf.abs(x)
+  near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+  far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+  return tf.where(x < 1.0, near, tf.where(x < 2.0, far, tf.zeros_like(x)))
+
+
+def _pil_bilinear(x):
+  x = tf.abs(x)
+  return tf.where(x < 1.0, 1.0 - x, tf.zeros_like(x))
+
+
+_PIL_FILTERS = {"bicubic": (_pil_bicubic, 2.0), "bilinear": (_pil_bilinear, 1.0)}
+
+
+def _pil_taps(in_size, out_size, method: str):
+  """(input index [out, k] int32, fixed-point weight [out, k] int32) for one axis."""
+  kernel, support = _PIL_FILTERS[method]
+  scale = tf.cast(in_size, tf.float64) / tf.cast(out_size, tf.float64)
+  filterscale = tf.maximum(scale, 1.0)   # widen the filter when shrinking (antialiasing)
+  support = support * filterscale
+  k = tf.cast(tf.math.ceil(support), tf.int32) * 2 + 1
+  center = (tf.cast(tf.range(out_size), tf.float64) + 0.5) * scale
+  first = tf.maximum(tf.cast(center - support + 0.5, tf.int32), 0)   # casts truncate, as C's
+  count = tf.minimum(tf.cast(center + support + 0.5, tf.int32), in_size) - first
+  offset = tf.range(k)
+  index = first[:, None] + offset[None, :]
+  w = kernel((tf.cast(index, tf.float64) - center[:, None] + 0.5) * (1.0 / filterscale))
+  w = tf.where(offset[None, :] < count[:, None], w, 0.0)
+  total = tf.reduce_sum(w, axis=1, keepdims=True)
+  w = tf.where(total != 0.0, w / total, w)
+  one = float(1 << _PIL_BITS)
+  fixed = tf.cast(tf.where(w < 0.0, w * one - 0.5, w * one + 0.5), tf.int32)
+  return tf.minimum(index, in_size - 1), fixed   # clamped taps carry weight 0
+
+
+def _pil_pass(image: tf.Tensor, axis: int, out_size, method: str) -> tf.Tensor:
+  """Resample int32 [H, W, C] along `axis` (0 or 1) to out_size, as Pillow does."""
+  index, weight = _pil_taps(tf.shape(image)[axis], out_size, method)
+  shape = tf.tensor_scatter_nd_update(tf.shape(image), [[axis]], [out_size])
+  acc = tf.fill(shape, tf.constant(1 << (_PIL_BITS - 1), tf.int32))
+
+  def add_tap(j, acc):   # one tap at a time: memory stays at the output's size
+    taps = tf.gather(image, index[:, j], axis=axis)
+    w = weight[:, j][:, None, None] if axis == 0 else weight[:, j][None, :, None]
+    return j + 1, acc + taps * w   # int32 as in Pillow: |sum| < 2**31 for 8-bit input
+
+  _, acc = tf.while_loop(lambda j, _: j < tf.shape(index)[1], add_tap, (0, acc))
+  return tf.clip_by_value(tf.math.floordiv(acc, 1 << _PIL_BITS), 0, 255)
+
+
+def resize_like_pil(image: tf.Tensor, height, width, method: str) -> tf.Tensor:
+  """uint8 [h, w, 3] -> float32 [height, width, 3] equal to PIL's `Image.resize`."""
+  image = tf.cast(image, tf.int32)
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  # Pillow (13) resamples vertically first when the height shrinks by more than twice as many
+  # pixels as the width, else horizontally first; the order changes the rounded result.
+  vertical_first = (h - height > 0) & (h - height > 2 * (w - width))
+  out = tf.cond(
+      vertical_first,
+      lambda: _pil_pass(_pil_pass(image, 0, height, method), 1, width, method),
+      lambda: _pil_pass(_pil_pass(image, 1, width, method), 0, height, method))
+  return tf.cast(out, tf.float32)
+
+
 def resize_shorter_side(image: tf.Tensor, size: int, method: str) -> tf.Tensor:
-  """torchvision's `Resize(size)`: shorter side -> size, longer -> int(size * long / short)."""
+  """torchvision's `Resize(size)` on a PIL image: shorter side -> size, longer -> int(size *
+  long / short), resampled as Pillow does. float32 in 0..255."""
   h, w = tf.shape(image)[0], tf.shape(image)[1]
   new_h = tf.where(h <= w, size, size * h // w)
   new_w = tf.where(h <= w, size * w // h, size)
-  return resize(image, new_h, new_w, method)
+  return resize_like_pil(image, new_h, new_w, method)
 
 
 def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
