@@ -1,6 +1,6 @@
 """How each token mixer's cost grows with the number of tokens N, in one stride-4 stage.
 
-    python benchmarks/scaling.py                               # ~5 min on a 2-core CPU
+    python benchmarks/scaling.py                               # ~1-2 min on a 2-core CPU
     python benchmarks/scaling.py --res 224,448 --reps 3 --out /tmp/scaling
 
 One mixer layer (no FFN, no norm) of width C = 64 with h = 1 head on the stage-1 token grid of
@@ -56,7 +56,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--res", default="224,448,672,896", help="input sizes in pixels")
   p.add_argument("--mixers", default=",".join(MIXERS))
-  p.add_argument("--reps", type=int, default=5, help="timed calls per point (median)")
+  p.add_argument("--reps", type=int, default=7, help="timed calls per point (median)")
   p.add_argument("--max-attn-entries", type=float, default=2e8,
                  help="time only points whose largest attention matrix is at most this")
   p.add_argument("--out", default=str(HERE / "results"))
@@ -234,13 +234,15 @@ def markdown(rows: list[dict], exps: list[dict], resolutions: list[int], args, m
   return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], mixers: list[str], path: str, machine: str) -> None:
+def plot(rows: list[dict], mixers: list[str], path: str, machine: str, args) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
   fig, axes = plt.subplots(1, 3, figsize=(17, 5.6), dpi=110)
-  panels = (("gmacs", "GMACs per layer (traced)"), ("time_ms", "forward time per layer (ms)"),
+  panels = (("gmacs", "GMACs per layer (traced)"),
+            ("time_ms", f"forward time per layer (ms), median of {args.reps}\n(not run above "
+                        f"{args.max_attn_entries:.0e} attention entries)"),
             ("temp_mib", "XLA temporary memory (MiB)"))
   markers = "os^v<>Dph*"
   tokens = sorted({r["tokens"] for r in rows})
@@ -262,8 +264,8 @@ def plot(rows: list[dict], mixers: list[str], path: str, machine: str) -> None:
     ax.set_xticklabels([f"{t}\n({int(math.sqrt(t)) * STRIDE} px)" for t in tokens], fontsize=8)
     ax.minorticks_off()
     ax.set_xlabel("tokens N (input size)")
-    ax.set_ylabel(label)
-    ax.set_title(label)
+    ax.set_ylabel(label.split("\n")[0])
+    ax.set_title(label, fontsize=10)
     ax.grid(alpha=0.3, which="both")
   axes[0].legend(fontsize=8, loc="upper left")
   fig.suptitle(f"Token-mixer scaling, one stride-4 stage (C={DIM}, h={HEADS}, batch 1); "
@@ -313,7 +315,7 @@ def main(argv=None):
   write_csv(rows, os.path.join(args.out, "scaling.csv"))
   with open(os.path.join(args.out, "scaling.md"), "w", encoding="utf-8") as f:
     f.write(markdown(rows, exps, resolutions, args, machine))
-  plot(rows, mixers, os.path.join(args.out, "scaling.png"), machine)
+  plot(rows, mixers, os.path.join(args.out, "scaling.png"), machine, args)
   print(f"\n{time.time() - t0:.0f} s; wrote scaling.csv, scaling.md, scaling.png in {args.out}")
   return rows, exps
 

@@ -200,8 +200,23 @@ def how_to_prepare(builder: tfds.core.DatasetBuilder, *extra: str) -> str:
           f"then copy {root}/{builder.name} here")
 
 
+def _no_variant_warnings(record: logging.LogRecord) -> bool:
+  # TFDS warns "Variant folder ... has no dataset_info.json" while it looks for a prepared
+  # copy; an unprepared dataset is reported by load_builder (in one line) or prepared.
+  return not record.getMessage().startswith("Variant folder ")
+
+
 def load_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   """The prepared TFDS builder; prepares offline builders; DataError for anything else."""
+  absl_log = logging.getLogger("absl")
+  absl_log.addFilter(_no_variant_warnings)
+  try:
+    return _load_builder(name, data_dir)
+  finally:
+    absl_log.removeFilter(_no_variant_warnings)
+
+
+def _load_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:

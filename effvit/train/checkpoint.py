@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import time
 
 import jax
@@ -53,6 +54,7 @@ class Checkpointer:
   def restore(self, abstract_state, step: int | None = None):
     """(state, meta, step) of the newest readable checkpoint (or of `step`); None if none."""
     self._manager.wait_until_finished()
+    _drop_closed_loop_reports()
     candidates = [step] if step is not None else self.all_steps()[::-1]
     want = signature(abstract_state)
     for s in candidates:
@@ -108,6 +110,24 @@ def signature(tree) -> list[str]:
   """'path shape dtype' of every leaf: what a checkpoint must hold to restore into `tree`."""
   return [f"{jax.tree_util.keystr(path)} {tuple(x.shape)} {x.dtype}"
           for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _drop_closed_loop_reports() -> None:
+  """When a damaged checkpoint fails to restore, orbax closes its event loop while tensorstore
+  reads are still in flight; each of those then prints an unraisable "RuntimeError: Event loop
+  is closed" traceback. The failure itself is reported (one line, with the step): drop exactly
+  these reports. Installed once per process, in front of the existing hook."""
+  previous = sys.unraisablehook
+  if getattr(previous, "effvit", False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.effvit = True
+  sys.unraisablehook = hook
 
 
 def _reason(e: Exception) -> str:

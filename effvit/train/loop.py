@@ -78,8 +78,13 @@ def validate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> P
               "eval_every_steps", "keep_checkpoints"):
     if config[key] < 0:
       raise ConfigError(f"{key}={config[key]} must be >= 0")
-  if config.total_epochs < 0 or config.optimizer.base_lr < 0:
-    raise ConfigError("total_epochs and optimizer.base_lr must be >= 0")
+  for key, value in (("total_epochs", config.total_epochs),
+                     ("optimizer.base_lr", config.optimizer.base_lr)):
+    if value < 0:
+      raise ConfigError(f"{key}={value} must be >= 0")
+  for key, e in (("input", config.input), *((f"evals.{k}", v) for k, v in config.evals.items())):
+    if e.image_size < 1:
+      raise ConfigError(f"{key}.image_size={e.image_size} must be >= 1")
   if config.optimizer.accum_steps < 1:
     raise ConfigError(f"optimizer.accum_steps={config.optimizer.accum_steps} must be >= 1")
   if not 0 <= config.optimizer.ema_decay < 1:
