@@ -118,7 +118,7 @@ def run_point(config, workdir: str, point: dict, bench_batch: int) -> dict:
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       log.info("sweep point %s: finished earlier, skipping", point_name(point))
-      return json.load(f)
+      return {**json.load(f), **point}   # the grid's values: JSON has no tuples
   t0 = time.time()
   final = train_and_evaluate(config, workdir)
   result = {**{k: v for k, v in point.items()}, **measure_cost(config, bench_batch),
@@ -176,14 +176,14 @@ def main(config, workdir):
   grid = parse_grid(_GRID.value)
   keys = [k for k, _ in grid]
   points = [dict(zip(keys, values)) for values in itertools.product(*(v for _, v in grid))]
+  from effvit.train.loop import validate
   configs = []
-  for point in points:   # validate every point's config before training any
+  for point in points:   # validate every point (model, sizes, data, workdir) before training
     c = copy.deepcopy(config)
     with c.unlocked():
       for k, v in point.items():
         set_field(c, k, v)
-    from effvit.models import create_model
-    create_model(c.model_name, **c.model)
+    validate(c, os.path.join(workdir, point_name(point)))
     configs.append(c)
   t0, rows = time.time(), []
   for point, c in zip(points, configs):
