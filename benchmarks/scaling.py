@@ -18,7 +18,8 @@ For every resolution: GMACs from the traced shapes (effvit.profile.count_macs on
 jax.eval_shape'd parameters: nothing is computed, so every point has a value), XLA's temporary
 memory from the compiled plan (compiled.memory_analysis().temp_size_in_bytes: compiling
 allocates nothing, so every point that compiles has one), and the forward time (jit, batch 1,
-median of --reps calls after a warm-up) only where the largest attention-like matrix has at most
+median of --reps repetitions after a warm-up, each repetition the mean of enough calls to
+last ~50 ms) only where the largest attention-like matrix has at most
 --max-attn-entries entries; other cells are "—". For less_la_r8 that matrix is Ψ itself (N²).
 
 Growth exponents: a least-squares line through (log N, log y) over all points that have a
@@ -131,7 +132,7 @@ def build(kind: str, hw: tuple[int, int]):
 def measure(kind: str, res: int, args) -> dict:
   import jax
   import numpy as np
-  from effvit.benchmark_utils import compiled_memory
+  from effvit.benchmark_utils import compiled_memory, timed, warm
   from effvit.profile import count_macs, count_params
 
   hw = grid(res)
@@ -141,7 +142,7 @@ def measure(kind: str, res: int, args) -> dict:
   row = {"mixer": kind, "res": res, "tokens": hw[0] * hw[1], "attn_entries": entries,
          "params": count_params(variables["params"]) / layers,
          "gmacs": count_macs(fn, variables, *inputs) / layers / 1e9,
-         "time_ms": None, "temp_mib": None, "compile_s": None}
+         "time_ms": None, "time_min_ms": None, "temp_mib": None, "compile_s": None}
   try:
     t = time.perf_counter()
     compiled = jax.jit(fn).lower(variables, *inputs).compile()
@@ -159,13 +160,13 @@ def measure(kind: str, res: int, args) -> dict:
     a = jax.nn.softmax(real[1].matrix, axis=-1)
     real = (real[0], real[1].replace(matrix=a, probs=a))
   params = jax.jit(init)(jax.random.key(0), *real)
-  compiled(params, *real).block_until_ready()          # warm-up
-  times = []
-  for _ in range(args.reps):
-    t = time.perf_counter()
-    compiled(params, *real).block_until_ready()
-    times.append(time.perf_counter() - t)
+  call = lambda: compiled(params, *real).block_until_ready()
+  # Calls per repetition: enough for ~50 ms, so a millisecond call is not one scheduler tick.
+  warm(call, 1)
+  calls = max(1, math.ceil(0.05 / max(timed(call, 1), 1e-6)))
+  times = [timed(call, calls) for _ in range(args.reps)]
   row["time_ms"] = statistics.median(times) * 1e3 / layers
+  row["time_min_ms"] = min(times) * 1e3 / layers
   del params, real
   return row
 
@@ -205,7 +206,8 @@ def markdown(rows: list[dict], exps: list[dict], resolutions: list[int], args, m
                                    for r in resolutions) + " |"
   sep = "|---|" + "---:|" * len(resolutions)
   lines = [f"# Token-mixer scaling: one stride-4 stage, C = {DIM}, h = {HEADS}, batch 1", "",
-           f"{machine}. Time: forward only, jit, median of {args.reps} calls, per layer "
+           f"{machine}. Time: forward only, jit, median of {args.reps} repetitions (each the "
+           f"mean of enough calls for ~50 ms; the CSV also has the minimum), per layer "
            f"(lsa_w7+gsa_r8: the pair / 2), measured only where the largest attention matrix "
            f"has at most {args.max_attn_entries:.0e} entries ({DASH}: skipped). GMACs: from "
            "the traced shapes (no compute). Memory: XLA's temporary buffers of the compiled "
@@ -313,10 +315,13 @@ def main(argv=None):
           f"{fmt(e['time_ms'], '.2f')} ({', '.join(fmt(x, '.2f') for x in e['time_ms_local'])})")
   os.makedirs(args.out, exist_ok=True)
   write_csv(rows, os.path.join(args.out, "scaling.csv"))
+  # Other processes on the machine disturb the times: the load average goes in the report.
+  machine += f", load average {os.getloadavg()[0]:.1f} at the end"
   with open(os.path.join(args.out, "scaling.md"), "w", encoding="utf-8") as f:
     f.write(markdown(rows, exps, resolutions, args, machine))
   plot(rows, mixers, os.path.join(args.out, "scaling.png"), machine, args)
-  print(f"\n{time.time() - t0:.0f} s; wrote scaling.csv, scaling.md, scaling.png in {args.out}")
+  print(f"\n{time.time() - t0:.0f} s, load average {os.getloadavg()[0]:.1f}; wrote scaling.csv, "
+        f"scaling.md, scaling.png in {args.out}")
   return rows, exps
 
 

@@ -1,0 +1,169 @@
+"""Timing and memory helpers shared by `python -m effvit.profile` and benchmarks/*.py.
+
+Everything here times compiled work only: effvit's functions are compiled ahead of time
+(`jax.jit(f).lower(*args).compile()`, which also gives the compile time and XLA's memory
+analysis), warmed up, and every timed call blocks until its result is ready. timm is run eagerly
+in eval mode under `torch.inference_mode()` for inference and with AdamW for training.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+
+def timed(fn: Callable[[], object], steps: int) -> float:
+  """Seconds per call over `steps` calls (fn must block until its result is ready)."""
+  t = time.perf_counter()
+  for _ in range(steps):
+    fn()
+  return (time.perf_counter() - t) / steps
+
+
+def interleave(runners: dict, steps: int, reps: int) -> dict:
+  """{name: median seconds per call}, alternating the runners in every repetition (so a
+  change in machine load hits all of them alike)."""
+  times = {k: [] for k in runners}
+  for _ in range(reps):
+    for k, fn in runners.items():
+      times[k].append(timed(fn, steps))
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+def warm(fn: Callable[[], object], calls: int = 2) -> float:
+  """Runs fn `calls` times; returns the seconds of the first call (compilation included)."""
+  t = time.perf_counter()
+  fn()
+  first = time.perf_counter() - t
+  for _ in range(calls - 1):
+    fn()
+  return first
+
+
+def set_threads(n: int = 0) -> int:
+  """Restrict this process to n cores (0: keep all usable) before JAX/torch create thread
+  pools; returns the core count. XLA:CPU sizes its pool from the affinity mask."""
+  cores = sorted(os.sched_getaffinity(0))
+  if n:
+    if n > len(cores):
+      raise SystemExit(f"--threads {n}: only {len(cores)} cores are usable")
+    cores = cores[:n]
+    os.sched_setaffinity(0, cores)
+  return len(cores)
+
+
+def aot_compile(fn: Callable, *args, donate_argnums=()):
+  """(compiled, seconds): jit + lower + compile fn for these arguments (arrays or
+  ShapeDtypeStructs)."""
+  import jax
+  t = time.perf_counter()
+  compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+  return compiled, time.perf_counter() - t
+
+
+def compiled_memory(compiled) -> dict[str, int]:
+  """XLA's static memory plan of a compiled function, in bytes: temporaries, arguments, outputs
+  and `peak` = their sum less donated (aliased) buffers, which are counted once."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  out = {"temp": m.temp_size_in_bytes, "argument": m.argument_size_in_bytes,
+         "output": m.output_size_in_bytes, "alias": m.alias_size_in_bytes}
+  out["peak"] = out["temp"] + out["argument"] + out["output"] - out["alias"]
+  return out
+
+
+def device_peak_bytes() -> int | None:
+  """The allocator's peak bytes in use on device 0 (GPU/TPU), None where not reported (CPU)."""
+  import jax
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+class EffvitRunner:
+  """A model's compiled inference and train step (effvit.train.state.train_step: forward,
+  backward, optax AdamW, donated state) on random images and labels."""
+
+  def __init__(self, model, batch: int, res: int, *, num_classes: int | None = None,
+               in_chans: int = 3, seed: int = 0):
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from effvit.train.optimizer import decay_mask
+    from effvit.train.state import create_state, train_step
+
+    cfg = getattr(model, "config", model)
+    num_classes = num_classes or getattr(cfg, "num_classes", 1000)
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    self.x = jax.random.normal(k1, (batch, res, res, in_chans), jnp.float32)
+    self.y = jax.random.randint(k2, (batch,), 0, num_classes)
+    tx = optax.adamw(1e-3, weight_decay=0.05, mask=decay_mask)
+    self.state = jax.jit(lambda r: create_state(model, tx, r, (1, res, res, in_chans),
+                                                ema=False))(jax.random.key(seed))
+    self.variables = {"params": self.state.params}
+    if self.state.batch_stats:
+      self.variables["batch_stats"] = self.state.batch_stats
+    step = lambda state, b: train_step(
+        state, b, model=model, tx=tx, base_rng=jax.random.key(seed + 1), num_classes=num_classes,
+        mixup={}, aux_weights={"dp_loss": 0.1}, ema_decay=0.0)
+    self._batch = {"image": self.x, "label": self.y}
+    self._fwd, fwd_s = aot_compile(lambda v, x: model.apply(v, x), self.variables, self.x)
+    self._step, step_s = aot_compile(step, self.state, self._batch, donate_argnums=(0,))
+    self.compile_seconds = {"inference": fwd_s, "train": step_s}
+    self.memory = {"inference": compiled_memory(self._fwd), "train": compiled_memory(self._step)}
+
+  @classmethod
+  def from_name(cls, name: str, overrides: dict, batch: int, res: int, dtype: str = "float32"):
+    """By registry name, in `dtype`; `.gmacs` is the float32 model's count at `res`."""
+    from effvit.models import create_model
+    from effvit.profile import model_cost
+    runner = cls(create_model(name, dtype=dtype, **overrides), batch, res)
+    runner.gmacs = model_cost(create_model(name, **overrides), res)["gmacs"]
+    return runner
+
+  def infer(self):
+    self._fwd(self.variables, self.x).block_until_ready()
+
+  def train(self):
+    self.state, metrics = self._step(self.state, self._batch)
+    metrics["loss"].block_until_ready()
+
+
+class TimmRunner:
+  """timm eager (or torch.compile'd) inference and AdamW train step on random inputs."""
+
+  def __init__(self, name: str, batch: int, res: int, dtype: str = "float32",
+               compiled: bool = False, **model_kwargs):
+    import torch
+    from effvit.reference import timm_model
+
+    self.torch = torch
+    torch.manual_seed(0)
+    self.model = timm_model(name, **model_kwargs)
+    self.x = torch.randn(batch, 3, res, res)
+    self.y = torch.randint(0, self.model.num_classes, (batch,))
+    self.autocast = dtype == "bfloat16"
+    self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.05)
+    self.fn = torch.compile(self.model) if compiled else self.model
+
+  def num_params(self) -> int:
+    return sum(p.numel() for p in self.model.parameters())
+
+  def _ctx(self):
+    import contextlib
+    return (self.torch.autocast("cpu", dtype=self.torch.bfloat16) if self.autocast
+            else contextlib.nullcontext())
+
+  def infer(self):
+    self.model.eval()
+    with self.torch.inference_mode(), self._ctx():
+      self.fn(self.x)
+
+  def train(self):
+    self.model.train()
+    with self._ctx():
+      loss = self.torch.nn.functional.cross_entropy(self.fn(self.x), self.y)
+    self.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    self.opt.step()
