@@ -147,11 +147,24 @@ def init_distributed() -> None:
   jax.distributed.initialize(**kwargs)
 
 
+class _StderrHandler(logging.StreamHandler):
+  """Writes to whatever sys.stderr is when a record is emitted, so a notebook or test that
+  swaps sys.stderr after main() ran (or closes its replacement) does not break logging."""
+
+  @property
+  def stream(self):
+    return sys.stderr
+
+  @stream.setter
+  def stream(self, _):
+    pass
+
+
 def setup_logging() -> None:
   # force: importing TensorFlow / TFDS (the config file does) already gave the root logger a
   # WARNING-level handler, which would hide effvit's INFO lines (model, resume, evaluations).
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+                      datefmt="%H:%M:%S", handlers=[_StderrHandler()], force=True)
   for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -21,7 +21,7 @@ Requirement -> test here (and the tests elsewhere that cover the rest of it):
    test_workdir_of_another_run_is_refused_untouched, test_checkpoint_of_another_train_state_...).
 5. Devices: test_one_and_eight_devices_data_parallel_and_fsdp_agree_over_20_steps,
    test_checkpoints_move_between_8_4_and_1_devices (also test_train.py::
-   test_devices_fsdp_model_init_and_metrics: 6 steps with model_init, EMA, mixup).
+   test_model_init_ema_mixup_and_metrics_on_8_devices: 6 steps with model_init, EMA, mixup).
 6. Processes: test_two_processes_match_one_process_with_eight_devices (two train.py processes
    joined by jax.distributed over loopback, 4 CPU devices each).
 
