@@ -90,7 +90,11 @@ def _lookup(cfg, path: str):
 def _parse(argv: list[str], what: str) -> list[str]:
   for name in [n for n in flags.FLAGS if n.startswith("config.")]:
     delattr(flags.FLAGS, name)   # override flags of an earlier parse write into its config
-  flags.FLAGS.unparse_flags()
+  logging.disable(logging.INFO)   # absl logs "unparse_flags() called" at INFO on the root logger
+  try:
+    flags.FLAGS.unparse_flags()
+  finally:
+    logging.disable(logging.NOTSET)
   _ARGV[:] = argv
   try:
     return flags.FLAGS(argv)
