@@ -14,6 +14,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from run_helpers import write_imagenet_metadata
 from effvit import data
 from effvit.data import digits, transforms
 from effvit.data.prepare import prepare
@@ -353,15 +354,7 @@ def test_imagenet_prepared_from_real_jpegs(imagenet_sample, tmp_path):
 def mock_imagenet(tmp_path):
   """imagenet2012 under tfds.testing.mock_data: metadata with 16 train / 16 validation examples
   (mock_data yields `num_examples` noise JPEGs of random sizes for any split)."""
-  builder = tfds.builder("imagenet2012", data_dir=str(tmp_path))
-  template = tfds.core.ShardedFileTemplate(data_dir=builder.data_dir, dataset_name=builder.name,
-                                           filetype_suffix="tfrecord")
-  builder.info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(name=s, shard_lengths=[16], num_bytes=0,
-                          filename_template=template.replace(split=s))
-      for s in ("train", "validation")]))
-  os.makedirs(builder.data_dir, exist_ok=True)
-  builder.info.write_to_directory(builder.data_dir)
+  write_imagenet_metadata(str(tmp_path))
   with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_FILES,
                               data_dir=str(tmp_path)):
     yield str(tmp_path)

@@ -60,6 +60,7 @@ sys.path.insert(0, str(ROOT))   # the configs package
 
 import train  # noqa: E402
 from configs import quickstart  # noqa: E402
+from run_helpers import assert_trees_close, assert_trees_equal, host  # noqa: E402
 from effvit import cli, convert  # noqa: E402
 from effvit.data import pipeline  # noqa: E402
 from effvit.models import create_model  # noqa: E402
@@ -115,23 +116,6 @@ def losses(workdir):
 def steps_saved(workdir):
   path = pathlib.Path(workdir, "checkpoints")
   return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if path.is_dir() else []
-
-
-def host(tree):
-  return jax.tree.map(np.asarray, jax.device_get(tree))
-
-
-def assert_trees_equal(a, b):
-  flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)
-  assert len(flat_a) == len(flat_b)
-  for (path, x), y in zip(flat_a, flat_b):
-    assert np.array_equal(x, y), jax.tree_util.keystr(path)
-
-
-def assert_trees_close(a, b, **tolerances):
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b),
-                          strict=True):
-    np.testing.assert_allclose(x, y, err_msg=jax.tree_util.keystr(path), **tolerances)
 
 
 def saved_state(workdir, step):

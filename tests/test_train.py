@@ -28,6 +28,8 @@ from flax import traverse_util
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))   # the configs package
 
+from run_helpers import (assert_trees_close, assert_trees_equal, host,  # noqa: E402
+                         write_imagenet_metadata)
 from effvit import convert  # noqa: E402
 from effvit.errors import ConfigError, DataError, EffvitError  # noqa: E402
 from effvit.train import checkpoint, loop  # noqa: E402
@@ -39,17 +41,7 @@ TINY = dict(embed_dims=(16, 32, 32, 64), depths=(1, 1, 1, 1), num_heads=(1, 1, 2
 @pytest.fixture(scope="module")
 def imagenet(tmp_path_factory):
   """A data_dir with imagenet2012 metadata (16 train / 16 validation) for mock_data."""
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  builder = tfds.builder("imagenet2012", data_dir=data_dir)
-  template = tfds.core.ShardedFileTemplate(data_dir=builder.data_dir, dataset_name=builder.name,
-                                           filetype_suffix="tfrecord")
-  builder.info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(name=s, shard_lengths=[16], num_bytes=0,
-                          filename_template=template.replace(split=s))
-      for s in ("train", "validation")]))
-  os.makedirs(builder.data_dir, exist_ok=True)
-  builder.info.write_to_directory(builder.data_dir)
-  return data_dir
+  return write_imagenet_metadata(str(tmp_path_factory.mktemp("tfds")))
 
 
 def mocked(data_dir):
@@ -87,23 +79,6 @@ def untimed(record):
 
 def losses(workdir):
   return np.array([r["train/loss"] for r in records(workdir) if "train/loss" in r])
-
-
-def host(tree):
-  return jax.tree.map(np.asarray, jax.device_get(tree))
-
-
-def assert_trees_equal(a, b):
-  flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)
-  assert len(flat_a) == len(flat_b)
-  for (path, x), y in zip(flat_a, flat_b):
-    assert np.array_equal(x, y), jax.tree_util.keystr(path)
-
-
-def assert_trees_close(a, b, **tolerances):
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b),
-                          strict=True):
-    np.testing.assert_allclose(x, y, err_msg=jax.tree_util.keystr(path), **tolerances)
 
 
 def rerun_from(trainer, step):
