@@ -48,6 +48,13 @@ def test_sweep_writes_table_and_plots_and_skips_finished_points(tmp_path):
     assert list(csv.DictReader(f)) == rows
 
 
+def test_accuracy_plot_uses_the_evaluation_not_training_top1():
+  from effvit.sweep import accuracy_key
+  assert accuracy_key({"train/top1": 1.0, "test/top1": 0.9, "test/top5": 1.0}) == "test/top1"
+  assert accuracy_key({"train/top1": 1.0, "gmacs": 1}) == "train/top1"
+  assert accuracy_key({"gmacs": 1}) is None
+
+
 def test_bad_grid_is_one_line_exit_2(tmp_path):
   for grid, words in [("--grid=model.sr_ratio=[(1,)]", "sr_ratio"),
                       ("--grid=model.sr_ratios=4", "expected key=[v1, v2, ...]")]:
