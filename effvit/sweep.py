@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import statistics
 import sys
 import time
 
@@ -81,6 +82,7 @@ def measure_cost(config, bench_batch: int) -> dict:
   """Params, GMACs and jitted inference images/s at the training resolution."""
   import jax
   import jax.numpy as jnp
+  from effvit.benchmark_utils import aot_compile, timed, warm
   from effvit.models import create_model
   from effvit.profile import model_cost
   model = create_model(config.model_name, **config.model)
@@ -88,15 +90,12 @@ def measure_cost(config, bench_batch: int) -> dict:
   cost = model_cost(model, size)
   x = jnp.zeros((bench_batch, size, size, 3), jnp.float32)
   variables = jax.jit(model.init)(jax.random.key(0), x)
-  fwd = jax.jit(lambda v, x: model.apply(v, x))
-  fwd(variables, x).block_until_ready()
-  times = []
-  for _ in range(5):
-    t = time.perf_counter()
-    fwd(variables, x).block_until_ready()
-    times.append(time.perf_counter() - t)
+  fwd, _ = aot_compile(lambda v, x: model.apply(v, x), variables, x)
+  run = lambda: fwd(variables, x).block_until_ready()
+  warm(run)
+  seconds = statistics.median(timed(run, 1) for _ in range(5))
   return {"params": cost["params"], "gmacs": cost["gmacs"],
-          "infer_images_per_sec": bench_batch / sorted(times)[len(times) // 2]}
+          "infer_images_per_sec": bench_batch / seconds}
 
 
 def train_images_per_sec(workdir: str) -> float:
