@@ -32,6 +32,7 @@ so a map sums to 1 over the grid. LSA maps are blank outside the query's window.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -350,9 +351,14 @@ def load_example(entry, index: int) -> tuple[np.ndarray, int]:
   n = pipeline.dataset_info(entry.dataset, entry.split, entry.get("data_dir"))[1]
   if not 0 <= index < n:
     raise ConfigError(f"--example={index}: {entry.dataset} {entry.split} has {n} examples")
+  skip = index
+  if "[" not in entry.split:   # read only that example (TFDS cannot slice a slice)
+    entry = copy.deepcopy(entry)
+    with entry.unlocked():
+      entry.split, skip = f"{entry.split}[{index}:{index + 1}]", 0
   _, batches = pipeline.eval_batches(entry, local_batch_size=1)
   for i, batch in enumerate(batches):
-    if i == index:
+    if i == skip:
       return batch["image"][0], int(np.asarray(batch["label"][0]).reshape(-1)[0])
   raise AssertionError("unreachable")
 
