@@ -23,7 +23,7 @@ from jax.extend import core as jcore
 
 def tune_cpu_allocator() -> bool:
   """Make glibc keep freed memory in the process: no mmap for large blocks, no trimming, one
-  arena (mallopt; the same as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647
+  arena (mallopt; like MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<max size_t>
   MALLOC_ARENA_MAX=1 in the environment). Returns False where glibc is not the allocator.
 
   XLA:CPU (and PyTorch) allocate every large buffer afresh each step; glibc serves those with
@@ -31,13 +31,16 @@ def tune_cpu_allocator() -> bool:
   step. On the project's 2-core VM that costs ~0.5 ms per MB touched: 8x on a large
   elementwise op, 2x on a whole pvt_v2_b2 forward. Call it once, early, in a process that
   computes on the CPU; the price is that the process keeps its peak memory.
+  The trim threshold must be unbounded (-1 is SIZE_MAX to glibc): with 2**31 - 1, a step whose
+  temporaries exceed 2 GiB (pvt_v2_b2 training at batch 32) still had its heap trimmed and
+  re-faulted every step, which was half of its CPU time.
   """
   import ctypes
   try:
     libc = ctypes.CDLL("libc.so.6")
     m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
     return (libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_arena_max, 1) == 1
-            and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1)
+            and libc.mallopt(m_trim_threshold, -1) == 1)
   except (OSError, AttributeError):
     return False
 

@@ -39,7 +39,7 @@ import flax.linen as nn
 
 from effvit.attention.split import SplitAttention, attention_width
 from effvit.errors import ConfigError
-from effvit.layers import BatchNorm, Dense, DropPath, conv_init
+from effvit.layers import BatchNorm, Dense, DropPath, PatchConv, conv_init
 from effvit.models.pyramid import resolve_dtype
 from effvit.models.registry import build_from_table, register
 
@@ -164,8 +164,9 @@ class Bottleneck(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     cfg, s = self.cfg, self.stride
     gw, out_ch = cfg.group_width(self.planes), EXPANSION * self.planes
-    conv = lambda f, name: nn.Conv(f, (1, 1), use_bias=False, kernel_init=conv_init(),
-                                   dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+    # 1×1 convs as matmuls (PatchConv with k = 1): same parameters, ~2x faster on XLA:CPU.
+    conv = lambda f, name: PatchConv(f, 1, use_bias=False, dtype=cfg.dtype,
+                                     param_dtype=cfg.param_dtype, name=name)
     norm = lambda name, **kw: BatchNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
                                         **kw)
     avd = cfg.avd and s > 1
