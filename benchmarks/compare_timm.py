@@ -64,6 +64,8 @@ def parse_args(argv=None):
   p.add_argument("--res", type=int, default=224)
   p.add_argument("--steps", type=int, default=3, help="timed calls per repetition")
   p.add_argument("--reps", type=int, default=5, help="interleaved repetitions (median)")
+  p.add_argument("--warmup", type=int, default=3,
+                 help="untimed interleaved rounds after the first call of each")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--threads", type=int, default=0, help="cores to use (default: all usable)")
   p.add_argument("--modes", default="inference,train")
@@ -103,16 +105,19 @@ def run_one(name: str, batch: int, args, peak: float, rows: list) -> None:
   for mode in args.modes.split(","):
     runners = {"effvit": getattr(eff, "infer" if mode == "inference" else "train"),
                "timm": getattr(timm_eager, "infer" if mode == "inference" else "train")}
-    first = {k: warm(fn) for k, fn in runners.items()}
+    first = {k: warm(fn, calls=1) for k, fn in runners.items()}
     if timm_comp is not None:
       fn = getattr(timm_comp, "infer" if mode == "inference" else "train")
       try:
-        first["timm_compiled"] = warm(fn)
+        first["timm_compiled"] = warm(fn, calls=1)
         runners["timm_compiled"] = fn
       except Exception as e:   # noqa: BLE001
         comp_error = f"{type(e).__name__}: {e}".splitlines()[0][:80]
         print(f"  torch.compile failed for {ref_name} ({mode}): {comp_error}", file=sys.stderr)
         traceback.print_exc(limit=2)
+    # Interleaved warm-up: the two frameworks share one heap, and the first steps after the
+    # other's allocations still fault pages in (3 steps for pvt_v2_b2 at batch 32).
+    interleave(runners, 1, args.warmup)
     sec = interleave(runners, args.steps, args.reps)
     ips = {k: batch / v for k, v in sec.items()}
     row = dict(model=name, ref=ref_name, batch=batch, mode=mode, effvit=ips["effvit"],
@@ -223,7 +228,7 @@ def main(argv=None):
   print(f"Machine: {machine_info(threads)}")
   print(f"Threads: XLA {threads} (affinity mask), torch {torch.get_num_threads()}; malloc "
         f"{args.malloc}; dtype {args.dtype}; {args.res}x{args.res}; medians of {args.reps} "
-        f"interleaved repetitions of {args.steps} calls")
+        f"interleaved repetitions of {args.steps} calls after {args.warmup} warm-up rounds")
   print(f"Matmul peak (float32 4096², JAX): {peak:.0f} GFLOP/s "
         f"(measurements: {', '.join(f'{p:.0f}' for p in peaks)})")
   if compile_s is not None:
