@@ -61,6 +61,8 @@ class Plan:
   image_shape: tuple[int, ...]
   evaluators: list[Evaluator]
   data_block: int = 0   # the block of each global batch this process loads (process_block)
+  # config.model_init converted (host arrays); heads to re-initialise are ShapeDtypeStructs.
+  init_variables: dict | None = None
 
 
 # Canonical PyTorch keys of the classifier heads, re-initialised by model_init where their
@@ -114,13 +116,14 @@ def validate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> P
     jax.eval_shape(init, jax.ShapeDtypeStruct((1, e.image_size, e.image_size, 3), jnp.float32))
   evaluators = make_evaluators(config, model, mesh)
   check_workdir(config, workdir)
-  if config.model_init:   # converts once against the abstract variables: keys and shapes
-    convert.from_torch_state_dict(
+  init_variables = None
+  if config.model_init:   # read and converted once, here: keys and shapes are checked
+    init_variables = convert.from_torch_state_dict(
         config.model_name, convert.load_state_dict_file(config.model_init),
         init_variables=abstract, reinit_mismatched=HEAD_KEYS, **config.model)
   return Plan(config, workdir, model, mesh, num_classes, n_train, total, steps_per_epoch,
               config.input.batch_size // jax.process_count(), image_shape, evaluators,
-              data_block)
+              data_block, init_variables)
 
 
 def check_workdir(config, workdir: str) -> None:
@@ -200,9 +203,10 @@ class Trainer:
     init_vars = {"params": state.params}
     if state.batch_stats:
       init_vars["batch_stats"] = state.batch_stats
-    loaded = convert.from_torch_state_dict(
-        c.model_name, convert.load_state_dict_file(c.model_init),
-        init_variables=jax.device_get(init_vars), reinit_mismatched=HEAD_KEYS, **c.model)
+    # The variables validate() converted; re-initialised heads take the fresh state's values.
+    fresh = lambda conv, init: (np.asarray(init) if isinstance(conv, jax.ShapeDtypeStruct)
+                                else conv)
+    loaded = jax.tree.map(fresh, self.plan.init_variables, jax.device_get(init_vars))
     params = loaded["params"]
     state = state.replace(params=params, opt_state=self.tx.init(params),
                           batch_stats=loaded.get("batch_stats", state.batch_stats),

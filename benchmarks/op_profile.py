@@ -1,0 +1,115 @@
+"""Where the time of one effvit step goes: XLA ops timed by jax.profiler, grouped by module.
+
+    python benchmarks/op_profile.py --model pvt_v2_b2 --batch 32 --mode train
+    python benchmarks/op_profile.py --model resnest50d --batch 8 --mode inference --top 30
+
+Compiles effvit's inference or train step (effvit/benchmark_utils.EffvitRunner: forward,
+backward, AdamW), runs it until warm, traces one call with `jax.profiler.trace` and reads the
+trace (an XSpace protobuf, parsed with TensorFlow's copy of its schema). Every executed XLA op
+(a fusion, a library call such as YNNPACK's `ynn_fusion`, a copy) is attributed, through the
+`op_name` metadata of the compiled HLO, to the Flax module path that produced it, with stage
+and block indices dropped, so the 3 + 4 + 6 + 3 blocks of a model add up per layer kind:
+
+    ms  share  pass  module path         primitive
+    988  14.9%  bwd   mlp/dwconv          reduce_sum
+
+`bwd` marks ops of the gradient (XLA names them transpose(jvp(...))). The printed sum of op
+times is close to the wall time on XLA:CPU, which runs one op at a time across its threads.
+Glibc's allocator is tuned first (effvit.profile.tune_cpu_allocator), as in compare_timm.py.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import re
+import tempfile
+import time
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--model", default="pvt_v2_b2")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--res", type=int, default=224)
+  p.add_argument("--mode", default="train", choices=("train", "inference"))
+  p.add_argument("--top", type=int, default=25, help="rows of each table")
+  return p.parse_args(argv)
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> its op_name metadata (the JAX/Flax scope that produced it)."""
+  names = {}
+  for line in hlo_text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", line)
+    if m:
+      names[m.group(1)] = m.group(2)
+  return names
+
+
+def traced_op_ms(call, trace_dir: str) -> collections.Counter:
+  """{op name: ms} of the XLA ops executed during one `call()` (summed over threads)."""
+  import jax
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2
+  with jax.profiler.trace(trace_dir):
+    call()
+  path = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0]
+  space = xplane_pb2.XSpace()
+  with open(path, "rb") as f:
+    space.ParseFromString(f.read())
+  ops = collections.Counter()
+  for plane in space.planes:
+    meta = {k: v.name for k, v in plane.event_metadata.items()}
+    for line in plane.lines:
+      if not line.name.startswith("tf_XLA"):   # XLA:CPU's worker threads
+        continue
+      for e in line.events:
+        name = meta.get(e.metadata_id, "?")
+        if not name.startswith("ThunkExecutor"):   # the executor's spans enclose the ops
+          ops[name] += e.duration_ps / 1e9
+  return ops
+
+
+def group_key(op: str, scope: str) -> tuple[str, str, str]:
+  """(pass, module path without stage/block indices, primitive) of one op."""
+  if not scope:
+    return ("-", op.split(".")[0], "")
+  parts = scope.split("/")
+  pass_ = "bwd" if any(p.startswith("transpose(") for p in parts) else "fwd"
+  keep = [p for p in parts if "(" not in p and not re.fullmatch(r"(stages|layer\d)_\d+|blocks_\d+",
+                                                              p)]
+  keep = [p for p in keep if p not in ("PyramidTransformer", "ResNeSt", "LaViT")]
+  return (pass_, "/".join(keep[:-1]) or "(model)", keep[-1] if keep else parts[-1])
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  from effvit.profile import tune_cpu_allocator
+  tune_cpu_allocator()
+  from effvit.benchmark_utils import EffvitRunner
+  runner = EffvitRunner.from_name(args.model, {}, args.batch, args.res)
+  call = runner.train if args.mode == "train" else runner.infer
+  compiled = runner._step if args.mode == "train" else runner._fwd
+  scopes = op_names(compiled.as_text())
+  for _ in range(3):
+    call()
+  t = time.perf_counter()
+  call()
+  wall = time.perf_counter() - t
+  ops = traced_op_ms(call, tempfile.mkdtemp(prefix="effvit-op-profile-"))
+  total = sum(ops.values())
+  print(f"{args.model} {args.mode} batch {args.batch} at {args.res}px: {1e3 * wall:.0f} ms "
+        f"per step untraced; {len(ops)} XLA ops, {total:.0f} ms summed")
+  groups = collections.Counter()
+  for op, ms in ops.items():
+    groups[group_key(op, scopes.get(op, ""))] += ms
+  print(f"\n{'ms':>8} {'share':>6}  pass  module path / primitive")
+  for (pass_, path, prim), ms in groups.most_common(args.top):
+    print(f"{ms:8.1f} {100 * ms / total:5.1f}%  {pass_:4}  {path}  {prim}")
+  print(f"\n{'ms':>8}  largest single ops")
+  for op, ms in ops.most_common(args.top):
+    print(f"{ms:8.1f}  {op:30}  {scopes.get(op, '')[-90:]}")
+
+
+if __name__ == "__main__":
+  main()
