@@ -388,6 +388,10 @@ def check_input_config(cfg: ml_collections.ConfigDict) -> None:
 def _options() -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
+  # No autotuning thread: destroying an iterator waits for it, and it sleeps out its
+  # optimization period (growing to 60 s) before it notices; runs hung that long at exit.
+  # AUTOTUNE parallelism then means one call per usable core; prefetch depths are explicit.
+  options.autotune.enabled = False
   return options
 
 
