@@ -116,6 +116,8 @@ def pipeline_worker(args) -> dict:
 
 
 def train_worker(args) -> dict:
+  from effvit.profile import tune_cpu_allocator
+  tune_cpu_allocator()   # as train.py does on CPU: a page-faulting step would understate demand
   import jax
   from effvit.benchmark_utils import EffvitRunner, timed
   out = {}
