@@ -115,10 +115,7 @@ def run_one(name: str, batch: int, args, peak: float, rows: list) -> None:
         comp_error = f"{type(e).__name__}: {e}".splitlines()[0][:80]
         print(f"  torch.compile failed for {ref_name} ({mode}): {comp_error}", file=sys.stderr)
         traceback.print_exc(limit=2)
-    # Interleaved warm-up: the two frameworks share one heap, and the first steps after the
-    # other's allocations still fault pages in (3 steps for pvt_v2_b2 at batch 32).
-    interleave(runners, 1, args.warmup)
-    sec = interleave(runners, args.steps, args.reps)
+    sec = interleave(runners, args.steps, args.reps, warmup=args.warmup)
     ips = {k: batch / v for k, v in sec.items()}
     row = dict(model=name, ref=ref_name, batch=batch, mode=mode, effvit=ips["effvit"],
                timm=ips["timm"], timm_compiled=ips.get("timm_compiled"),

@@ -89,8 +89,7 @@ def main(argv=None):
   from effvit.benchmark_utils import EffvitRunner
   runner = EffvitRunner.from_name(args.model, {}, args.batch, args.res)
   call = runner.train if args.mode == "train" else runner.infer
-  compiled = runner._step if args.mode == "train" else runner._fwd
-  scopes = op_names(compiled.as_text())
+  scopes = op_names(runner.compiled[args.mode].as_text())
   for _ in range(3):
     call()
   t = time.perf_counter()

@@ -21,9 +21,15 @@ def timed(fn: Callable[[], object], steps: int) -> float:
   return (time.perf_counter() - t) / steps
 
 
-def interleave(runners: dict, steps: int, reps: int) -> dict:
+def interleave(runners: dict, steps: int, reps: int, warmup: int = 0) -> dict:
   """{name: median seconds per call}, alternating the runners in every repetition (so a
-  change in machine load hits all of them alike)."""
+  change in machine load hits all of them alike), after `warmup` untimed alternating calls.
+
+  Alternate the warm-up too: runners in one process share its heap, and the first steps after
+  another runner's allocations still fault pages in (3 steps for pvt_v2_b2 at batch 32)."""
+  for _ in range(warmup):
+    for fn in runners.values():
+      fn()
   times = {k: [] for k in runners}
   for _ in range(reps):
     for k, fn in runners.items():
@@ -110,6 +116,7 @@ class EffvitRunner:
     self._batch = {"image": self.x, "label": self.y}
     self._fwd, fwd_s = aot_compile(lambda v, x: model.apply(v, x), self.variables, self.x)
     self._step, step_s = aot_compile(step, self.state, self._batch, donate_argnums=(0,))
+    self.compiled = {"inference": self._fwd, "train": self._step}
     self.compile_seconds = {"inference": fwd_s, "train": step_s}
     self.memory = {"inference": compiled_memory(self._fwd), "train": compiled_memory(self._step)}
 

@@ -112,8 +112,8 @@ def profile_resolution(config, res: int, batch: int, dtype: str | None, reps: in
     if timm:
       runners["timm"] = getattr(timm, mode)
     for fn in runners.values():
-      warm(fn)
-    sec = interleave(runners, steps, reps)
+      warm(fn, calls=1)
+    sec = interleave(runners, steps, reps, warmup=1)
     row[f"{mode}_ips"] = batch / sec["effvit"]
     if timm:
       row[f"timm_{mode}_ips"] = batch / sec["timm"]
