@@ -19,7 +19,9 @@ that mask; torch gets `torch.set_num_threads(N)`. The printout states both.
 Peak: the GFLOP/s of a 4096² float32 matmul under JAX, measured in the same run (before,
 between and after the models; the best median is the machine's practical peak). Each effvit
 forward's achieved GFLOP/s is 2 · GMACs (effvit.profile.model_cost: the papers' count, matmuls
-and convs only) · images/s, shown as a fraction of that peak.
+and convs only) · images/s, shown as a fraction of that peak. timm's forward is given the
+same count (its model's GMACs), and `ceiling` = peak / timm's GFLOP/s is the inference ratio
+effvit would reach at 100% of the peak: a target above it cannot be met on this machine.
 
 Allocator: on some VMs every fresh large buffer costs page faults that dominate elementwise
 work, for both frameworks. `--malloc tuned` makes glibc keep freed memory for the whole
@@ -87,6 +89,15 @@ def matmul_gflops(jax, jnp, n: int = 4096, reps: int = 5) -> float:
   return 2 * n**3 / t / 1e9
 
 
+def reference_gmacs(name: str, ref_name: str, res: int, effvit_gmacs: float) -> float:
+  """GMACs of the timm reference's forward: effvit's count of the same architecture."""
+  if name not in REFERENCES:   # timm's model of the same name: the same architecture
+    return effvit_gmacs
+  from effvit.models import create_model
+  from effvit.profile import model_cost
+  return model_cost(create_model(ref_name), res)["gmacs"]
+
+
 # --- the run --------------------------------------------------------------------------------
 
 def run_one(name: str, batch: int, args, peak: float, rows: list) -> None:
@@ -123,6 +134,7 @@ def run_one(name: str, batch: int, args, peak: float, rows: list) -> None:
                else "", first_call=first, note=note)
     if mode == "inference":
       row["gflops"] = 2 * eff.gmacs * ips["effvit"]
+      row["timm_gflops"] = 2 * reference_gmacs(name, ref_name, args.res, eff.gmacs) * ips["timm"]
       row["peak_frac"] = row["gflops"] / peak
     rows.append(row)
     print(format_row(row), flush=True)
@@ -139,13 +151,14 @@ def format_row(r: dict) -> str:
   return (f"{r['model']:<18} b{r['batch']:<3} {r['mode']:<9} effvit {r['effvit']:7.1f} img/s  "
           f"timm {r['timm']:7.1f} ({r['effvit'] / r['timm']:.2f}x)  compiled "
           f"{fmt(comp)} ({fmt(comp and r['effvit'] / comp, '.2f')}x)"
-          + (f"  {r['gflops']:.0f} GFLOP/s = {100 * r['peak_frac']:.0f}% of peak"
-             if "gflops" in r else ""))
+          + (f"  {r['gflops']:.0f} GFLOP/s = {100 * r['peak_frac']:.0f}% of peak (timm "
+             f"{r['timm_gflops']:.0f})" if "gflops" in r else ""))
 
 
 def table(rows: list, markdown: bool) -> str:
   head = ["model", "timm ref", "batch", "mode", "effvit img/s", "timm eager img/s", "ratio",
-          "timm compiled img/s", "ratio", "effvit fwd GFLOP/s", "% of matmul peak"]
+          "timm compiled img/s", "ratio", "effvit fwd GFLOP/s", "% of matmul peak",
+          "timm % of peak", "ceiling"]
   lines = []
   for r in rows:
     comp = r["timm_compiled"]
@@ -154,7 +167,9 @@ def table(rows: list, markdown: bool) -> str:
                   fmt(comp) if comp else ("failed" if r["compile_error"] else "-"),
                   f"{r['effvit'] / comp:.2f}x" if comp else "-",
                   fmt(r.get("gflops"), ".0f"),
-                  fmt(r.get("peak_frac") and 100 * r["peak_frac"], ".0f")])
+                  fmt(r.get("peak_frac") and 100 * r["peak_frac"], ".0f"),
+                  fmt(r.get("timm_peak_frac") and 100 * r["timm_peak_frac"], ".0f"),
+                  fmt(r.get("timm_peak_frac") and 1 / r["timm_peak_frac"], ".2f")])
   if markdown:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(l) + " |" for l in lines]
@@ -221,6 +236,7 @@ def main(argv=None):
   for r in rows:
     if "gflops" in r:
       r["peak_frac"] = r["gflops"] / peak
+      r["timm_peak_frac"] = r["timm_gflops"] / peak
   print()
   print(f"Machine: {machine_info(threads)}")
   print(f"Threads: XLA {threads} (affinity mask), torch {torch.get_num_threads()}; malloc "

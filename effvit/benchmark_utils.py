@@ -59,12 +59,16 @@ def set_threads(n: int = 0) -> int:
   return len(cores)
 
 
-def aot_compile(fn: Callable, *args, donate_argnums=()):
+def aot_compile(fn: Callable, *args, donate_argnums=(), kind: str | None = None):
   """(compiled, seconds): jit + lower + compile fn for these arguments (arrays or
-  ShapeDtypeStructs)."""
+  ShapeDtypeStructs); `kind` ("inference" / "train") compiles with effvit.xla_cpu's options
+  for that step, as train.py and eval.py do."""
   import jax
+  from effvit.xla_cpu import compiler_options
+  options = compiler_options(kind) if kind else None
   t = time.perf_counter()
-  compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+  compiled = jax.jit(fn, donate_argnums=donate_argnums, compiler_options=options).lower(
+      *args).compile()
   return compiled, time.perf_counter() - t
 
 
@@ -114,8 +118,10 @@ class EffvitRunner:
         state, b, model=model, tx=tx, base_rng=jax.random.key(seed + 1), num_classes=num_classes,
         mixup={}, aux_weights={"dp_loss": 0.1}, ema_decay=0.0)
     self._batch = {"image": self.x, "label": self.y}
-    self._fwd, fwd_s = aot_compile(lambda v, x: model.apply(v, x), self.variables, self.x)
-    self._step, step_s = aot_compile(step, self.state, self._batch, donate_argnums=(0,))
+    self._fwd, fwd_s = aot_compile(lambda v, x: model.apply(v, x), self.variables, self.x,
+                                   kind="inference")
+    self._step, step_s = aot_compile(step, self.state, self._batch, donate_argnums=(0,),
+                                     kind="train")
     self.compiled = {"inference": self._fwd, "train": self._step}
     self.compile_seconds = {"inference": fwd_s, "train": step_s}
     self.memory = {"inference": compiled_memory(self._fwd), "train": compiled_memory(self._step)}

@@ -54,6 +54,7 @@ import numpy as np
 from effvit.data import pipeline
 from effvit.errors import ConfigError
 from effvit.train import sharding
+from effvit.xla_cpu import compiler_options
 
 log = logging.getLogger("effvit")
 
@@ -225,10 +226,11 @@ class Evaluator:
     self.batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
     step = functools.partial(eval_step, model=model, **self.labels.step_kwargs())
-    self._step = jax.jit(step, out_shardings=replicated)
+    options = compiler_options("inference")
+    self._step = jax.jit(step, out_shardings=replicated, compiler_options=options)
     self._predict = jax.jit(
         lambda v, b: (model.apply(v, b["image"], train=False), b["label"], b["mask"]),
-        out_shardings=replicated)
+        out_shardings=replicated, compiler_options=options)
 
   def _batches(self):
     num_batches, batches = pipeline.eval_batches(

@@ -37,6 +37,7 @@ from effvit.models import create_model
 from effvit.train import checkpoint, optimizer, sharding
 from effvit.train.metrics import create_writer
 from effvit.train.state import NONFINITE_LOSS, TrainState, create_state, train_step
+from effvit.xla_cpu import compiler_options
 
 log = logging.getLogger("effvit")
 
@@ -177,7 +178,7 @@ class Trainer:
         ema_decay=c.optimizer.ema_decay, accum_steps=c.optimizer.accum_steps)
     self._step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
                          out_shardings=(self.state_sharding, sharding.replicated(plan.mesh)),
-                         donate_argnums=(0,))
+                         donate_argnums=(0,), compiler_options=compiler_options("train"))
     self._signal = None
     self.state = None   # the final state, after run()
 

@@ -1,0 +1,37 @@
+"""XLA:CPU compiler options for effvit's compiled steps, one set per kind of step.
+
+jax 0.10's XLA:CPU hands dots, reductions and elementwise ops to YNNPACK fusions. Which of
+them pay off depends on the step (2-core AVX-512 machine, float32, 224 px; README, Performance):
+
+- inference: only individual dots go to YNNPACK; XLA's own emitters run the LayerNorm and
+  softmax reductions and the elementwise work around them. pvt_v2_b0 at batch 32 went from
+  73 to 122 img/s, pvt_v2_b2 from 20.6 to 26.4, resnest50d (batch 8) from 18.5 to 22.4.
+- training: dots and reductions go to YNNPACK, elementwise work to XLA. The weight-gradient
+  reductions (over batch and space) need YNNPACK: with XLA's emitter for them pvt_v2_b2's
+  step was 4x slower. YNNPACK's elementwise fusions are what costs: without them pvt_v2_b0's
+  step went from 18.6 to 21.6 img/s, pvt_v2_b2's from 5.0 to 5.4.
+
+Options apply to the CPU backend only. EFFVIT_XLA_CPU=default, or a YNN fusion setting of your
+own in XLA_FLAGS, keeps XLA's defaults.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+
+_YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
+_YNN_FUSIONS = {
+    "inference": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+    "train": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+}
+
+
+def compiler_options(kind: str) -> dict[str, str]:
+  """Options for `jax.jit(..., compiler_options=...)` of an "inference" or "train" step."""
+  if kind not in _YNN_FUSIONS:
+    raise ValueError(f"kind must be one of {sorted(_YNN_FUSIONS)}, got {kind!r}")
+  if (jax.default_backend() != "cpu" or os.environ.get("EFFVIT_XLA_CPU") == "default"
+      or _YNN_FLAG in os.environ.get("XLA_FLAGS", "")):
+    return {}
+  return {_YNN_FLAG: _YNN_FUSIONS[kind]}

@@ -1,0 +1,42 @@
+"""effvit.xla_cpu: XLA accepts the per-step options and they change what goes to YNNPACK."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from effvit import xla_cpu
+
+
+def _ynn_fusions(kind, fn, *args):
+  """Number of YNNPACK fusions in fn compiled with effvit's options for `kind`."""
+  options = xla_cpu.compiler_options(kind)
+  compiled = jax.jit(fn, compiler_options=options).lower(*args).compile()
+  return compiled.as_text().count('"kind":"__ynn_fusion"')
+
+
+def _layer_norm_then_dense(x, w):
+  mu = x.mean(-1, keepdims=True)
+  y = (x - mu) * jax.lax.rsqrt(jnp.square(x - mu).mean(-1, keepdims=True) + 1e-6)
+  return y @ w
+
+
+def test_options_route_reductions_per_step(monkeypatch):
+  monkeypatch.delenv("EFFVIT_XLA_CPU", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  x, w = jnp.ones((64, 96)), jnp.ones((96, 32))
+  # Inference: the dot alone goes to YNNPACK, the LayerNorm stays with XLA's emitters.
+  assert _ynn_fusions("inference", _layer_norm_then_dense, x, w) == 1
+  # Training: a weight-gradient-like reduction over the leading axis goes to YNNPACK too.
+  grad_w = lambda x, w: jax.grad(lambda w: _layer_norm_then_dense(x, w).sum())(w)
+  assert _ynn_fusions("train", lambda x: (x * 2.0).sum(0), x) == 1
+  assert _ynn_fusions("inference", lambda x: (x * 2.0).sum(0), x) == 0
+  assert _ynn_fusions("train", grad_w, x, w) >= 1
+
+
+def test_opt_outs_and_bad_kind(monkeypatch):
+  monkeypatch.setenv("EFFVIT_XLA_CPU", "default")
+  assert xla_cpu.compiler_options("train") == {}
+  monkeypatch.delenv("EFFVIT_XLA_CPU")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+  assert xla_cpu.compiler_options("inference") == {}
+  with pytest.raises(ValueError, match="kind must be one of"):
+    xla_cpu.compiler_options("eval")
