@@ -8,6 +8,8 @@ compiled, effvit, ...; `--reps` rounds of `--steps` calls each, medians reported
   inference  effvit `jax.jit(model.apply)` / timm `model(x)` under `torch.inference_mode()`
   train      effvit's own jitted train step (effvit.train.state.train_step: forward, backward,
              AdamW, donated state) / timm `loss.backward(); optimizer.step()` with AdamW
+effvit compiles each with effvit.xla_cpu's options for that kind of step, as train.py and
+eval.py do (EFFVIT_XLA_CPU=default measures XLA's defaults instead).
 both in `--dtype` (float32 by default; `bfloat16` is meant for GPUs), on random weights and
 images. `torch.compile` (inductor, needs a C++ compiler) is measured too unless `--no-compile`;
 a failure is reported in the table, not raised.
