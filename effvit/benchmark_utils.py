@@ -118,13 +118,13 @@ class EffvitRunner:
         state, b, model=model, tx=tx, base_rng=jax.random.key(seed + 1), num_classes=num_classes,
         mixup={}, aux_weights={"dp_loss": 0.1}, ema_decay=0.0)
     self._batch = {"image": self.x, "label": self.y}
-    self._fwd, fwd_s = aot_compile(lambda v, x: model.apply(v, x), self.variables, self.x,
-                                   kind="inference")
-    self._step, step_s = aot_compile(step, self.state, self._batch, donate_argnums=(0,),
-                                     kind="train")
-    self.compiled = {"inference": self._fwd, "train": self._step}
-    self.compile_seconds = {"inference": fwd_s, "train": step_s}
-    self.memory = {"inference": compiled_memory(self._fwd), "train": compiled_memory(self._step)}
+    built = {"inference": aot_compile(lambda v, x: model.apply(v, x), self.variables, self.x,
+                                      kind="inference"),
+             "train": aot_compile(step, self.state, self._batch, donate_argnums=(0,),
+                                  kind="train")}
+    self.compiled = {mode: c for mode, (c, _) in built.items()}
+    self.compile_seconds = {mode: s for mode, (_, s) in built.items()}
+    self.memory = {mode: compiled_memory(c) for mode, c in self.compiled.items()}
 
   @classmethod
   def from_name(cls, name: str, overrides: dict, batch: int, res: int, dtype: str = "float32"):
@@ -136,10 +136,10 @@ class EffvitRunner:
     return runner
 
   def infer(self):
-    self._fwd(self.variables, self.x).block_until_ready()
+    self.compiled["inference"](self.variables, self.x).block_until_ready()
 
   def train(self):
-    self.state, metrics = self._step(self.state, self._batch)
+    self.state, metrics = self.compiled["train"](self.state, self._batch)
     metrics["loss"].block_until_ready()
 
 
