@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import flax.linen as nn
 
+from effvit.attention.core import keys_major_attention
 from effvit.layers import DepthwiseConv, GroupedConv, PatchConv, depthwise_conv
 from pyramid_helpers import abstract_variables, compile_fast, random_variables
 
@@ -30,6 +31,30 @@ def test_depthwise_conv_matches_grouped_conv(shape, k):
   for a, b in zip(ours_vjp(g), ref_vjp(g)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
+
+
+@pytest.mark.parametrize("n,m,h,d,masked", [(20, 7, 2, 4, False), (9, 9, 3, 8, True),
+                                            (1, 5, 1, 3, True)])
+def test_keys_major_attention_matches_dot_product_attention(n, m, h, d, masked):
+  rng = np.random.default_rng(2)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, t, h, d)) * 2, jnp.float32) for t in (n, m, m))
+  mask = None
+  if masked:   # per-example key masks, (B, 1, 1, M) as LSA builds them; key 0 always valid
+    valid = rng.random((2, 1, 1, m)) < 0.6
+    valid[..., 0] = True
+    mask = jnp.asarray(valid)
+  ref_fn = lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, scale=d ** -0.5,
+      mask=None if mask is None else jnp.broadcast_to(mask, (2, h, n, m)))
+  ours, ours_vjp = jax.vjp(lambda q, k, v: keys_major_attention(q, k, v, mask), q, k, v)
+  ref, ref_vjp = jax.vjp(ref_fn, q, k, v)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+  g = jnp.asarray(rng.standard_normal(ref.shape), jnp.float32)
+  for a, b in zip(ours_vjp(g), ref_vjp(g)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  half = keys_major_attention(*(t.astype(jnp.bfloat16) for t in (q, k, v)), mask)
+  assert half.dtype == jnp.bfloat16
+  np.testing.assert_allclose(half.astype(jnp.float32), ref, atol=0.1)
 
 def test_depthwise_conv_second_use_and_jit():
   # Used twice in one jitted loss, the custom gradient must sum both paths.

