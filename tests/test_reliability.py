@@ -32,6 +32,7 @@ beside the in-process ones. They compile with XLA's backend optimisation off, as
 test_train_cli.py does: bit-identity is only asked of runs made with the same flags.
 """
 import dataclasses
+import functools
 import glob
 import inspect
 import json
@@ -501,6 +502,39 @@ def test_nonfinite_skip_drops_the_steps_and_counts_them(poisoned, one_device, tm
   assert_trees_equal(after8["opt_state"], after6["opt_state"])
   assert after8["step"] == 8
 
+
+
+def test_nonfinite_step_keeps_moments_ema_and_batch_stats():
+  """train_step's skip, on a model with BatchNorm and EMA: a NaN batch leaves params, both
+  Adam moments, the EMA and the running statistics exactly as they were; a finite one moves
+  them all."""
+  import flax.linen as nn
+  import optax
+  from effvit.layers import BatchNorm
+  from effvit.train.state import create_state, train_step
+
+  class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.Dense(5)(BatchNorm()(x.reshape(x.shape[0], -1), train))
+
+  model, tx = Tiny(), optax.adamw(1e-2)
+  step = jax.jit(functools.partial(train_step, model=model, tx=tx, base_rng=jax.random.key(1),
+                                   num_classes=5, mixup={}, aux_weights={}, ema_decay=0.9))
+  images = jax.random.normal(jax.random.key(2), (4, 2, 2, 3))
+  batch = {"image": images, "label": jnp.arange(4) % 5}
+  state0 = create_state(model, tx, jax.random.key(0), (1, 2, 2, 3), ema=True)
+  state1, _ = step(state0, batch)
+  kept = ("params", "opt_state", "ema_params", "batch_stats")
+  for field in kept:
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)),
+                                         getattr(state1, field), getattr(state0, field)))
+    assert any(moved), field
+  state2, metrics = step(state1, {**batch, "image": images.at[0, 0, 0, 0].set(jnp.nan)})
+  assert np.isnan(metrics["loss"])
+  for field in kept:
+    assert_trees_equal(getattr(state2, field), getattr(state1, field))
+  assert int(state2.step) == 2 and int(state2.nonfinite_count) == 1
 
 # ------------------------------------------------------------------------------ bad input (4)
 

@@ -73,25 +73,31 @@ def train_step(state: TrainState, batch: dict, *, model, tx, base_rng, num_class
   (loss, (ce, aux, logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
   grad_norm = optax.global_norm(grads)
-  updates, new_opt = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-
   loss_ok, grad_ok = jnp.isfinite(loss), jnp.isfinite(grad_norm)
   ok = loss_ok & grad_ok
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-  new_params = keep(new_params, state.params)
-  ema = state.ema_params
-  if ema_decay > 0:
-    # One average per optimizer update: with accumulation (optax.MultiSteps) the params only
-    # move every accum_steps micro-steps, and decaying in between would shorten the average.
-    decay = jnp.where((state.step + 1) % accum_steps == 0, ema_decay, 1.0)
-    ema = keep(jax.tree.map(lambda e, p: e * decay + (1 - decay) * p, ema, new_params), ema)
+
+  def update(_):
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if ema_decay > 0:
+      # One average per optimizer update: with accumulation (optax.MultiSteps) the params only
+      # move every accum_steps micro-steps, and decaying in between would shorten the average.
+      decay = jnp.where((state.step + 1) % accum_steps == 0, ema_decay, 1.0)
+      ema = jax.tree.map(lambda e, p: e * decay + (1 - decay) * p, ema, new_params)
+    return new_params, new_opt, ema, new_stats
+
+  # A non-finite step leaves the state as it was. A cond, not a select per tensor: selecting
+  # params, both Adam moments and the EMA cost 8% of a resnest50d batch-8 step.
+  new_params, new_opt, ema, new_stats = jax.lax.cond(
+      ok, update, lambda _: (state.params, state.opt_state, state.ema_params, state.batch_stats),
+      None)
   what = jnp.where(loss_ok, NONFINITE_GRAD, NONFINITE_LOSS)
   first = jnp.where((state.first_nonfinite[0] < 0) & ~ok,
                     jnp.stack([state.step, what]), state.first_nonfinite)
   new_state = state.replace(
-      step=state.step + 1, params=new_params, batch_stats=keep(new_stats, state.batch_stats),
-      opt_state=keep(new_opt, state.opt_state), ema_params=ema,
+      step=state.step + 1, params=new_params, batch_stats=new_stats, opt_state=new_opt,
+      ema_params=ema,
       nonfinite_count=state.nonfinite_count + (~ok).astype(jnp.int32), first_nonfinite=first)
 
   top1 = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))
