@@ -365,6 +365,31 @@ def test_damaged_checkpoints_are_moved_aside_and_the_newest_good_one_resumes(
   np.testing.assert_array_equal(losses(workdir), one_device.losses)
 
 
+
+def test_orphaned_orbax_reads_are_not_reported_other_tasks_are(caplog):
+  """The reads orbax leaves behind when a damaged checkpoint fails end in asyncio's "Task
+  exception was never retrieved" (with a traceback): those are dropped, anyone else's kept."""
+  import asyncio
+  import gc
+  from effvit.train import checkpoint
+  checkpoint._drop_orphaned_read_reports()
+  coroutines = {}
+  for path, msg in (("/site-packages/orbax/checkpoint/read.py", "OUT_OF_RANGE cut file"),
+                    ("/work/mine.py", "my own failure")):
+    ns = {}
+    exec(compile(f"async def read():\n  raise ValueError({msg!r})\n", path, "exec"), ns)
+    coroutines[msg] = ns["read"]
+
+  async def main():
+    tasks = [asyncio.ensure_future(read()) for read in coroutines.values()]
+    await asyncio.sleep(0.01)
+    del tasks
+
+  with caplog.at_level("ERROR", logger="asyncio"):
+    asyncio.run(main())
+    gc.collect()
+  assert "my own failure" in caplog.text and "OUT_OF_RANGE" not in caplog.text
+
 # ------------------------------------------------------------------------------ non-finite (3)
 
 POISON: dict[int, str] = {}   # step -> "loss" | "grad": what goes non-finite at that step

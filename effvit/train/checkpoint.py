@@ -54,7 +54,7 @@ class Checkpointer:
   def restore(self, abstract_state, step: int | None = None):
     """(state, meta, step) of the newest readable checkpoint (or of `step`); None if none."""
     self._manager.wait_until_finished()
-    _drop_closed_loop_reports()
+    _drop_orphaned_read_reports()
     candidates = [step] if step is not None else self.all_steps()[::-1]
     want = signature(abstract_state)
     for s in candidates:
@@ -112,11 +112,13 @@ def signature(tree) -> list[str]:
           for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def _drop_closed_loop_reports() -> None:
-  """When a damaged checkpoint fails to restore, orbax closes its event loop while tensorstore
-  reads are still in flight; each of those then prints an unraisable "RuntimeError: Event loop
-  is closed" traceback. The failure itself is reported (one line, with the step): drop exactly
-  these reports. Installed once per process, in front of the existing hook."""
+def _drop_orphaned_read_reports() -> None:
+  """When a damaged checkpoint fails to restore, orbax stops waiting while other tensorstore
+  reads of it are still in flight. Each of those then reports itself when it ends: an
+  unraisable "RuntimeError: Event loop is closed", or asyncio's "Task exception was never
+  retrieved" with the read's own error, both with a traceback on stderr. The failure itself is
+  reported (one line, with the step): drop exactly these reports. Installed once per process,
+  in front of the existing hook and as a filter on the asyncio logger."""
   previous = sys.unraisablehook
   if getattr(previous, "effvit", False):
     return
@@ -128,6 +130,20 @@ def _drop_closed_loop_reports() -> None:
 
   hook.effvit = True
   sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_orphaned_orbax_task)
+
+
+def _orphaned_orbax_task(record: logging.LogRecord) -> bool:
+  """False for asyncio's report of an orbax read whose exception nobody retrieved."""
+  e = record.exc_info[1] if record.exc_info else None
+  if e is None or not record.getMessage().startswith("Task exception was never retrieved"):
+    return True
+  tb = e.__traceback__
+  while tb is not None:
+    if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+      return False
+    tb = tb.tb_next
+  return True
 
 
 def _reason(e: Exception) -> str:
