@@ -32,7 +32,6 @@ def test_depthwise_conv_matches_grouped_conv(shape, k):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
-
 @pytest.mark.parametrize("n,m,h,d,masked", [(20, 7, 2, 4, False), (9, 9, 3, 8, True),
                                             (1, 5, 1, 3, True)])
 def test_keys_major_attention_matches_dot_product_attention(n, m, h, d, masked):
@@ -55,6 +54,7 @@ def test_keys_major_attention_matches_dot_product_attention(n, m, h, d, masked):
   half = keys_major_attention(*(t.astype(jnp.bfloat16) for t in (q, k, v)), mask)
   assert half.dtype == jnp.bfloat16
   np.testing.assert_allclose(half.astype(jnp.float32), ref, atol=0.1)
+
 
 def test_depthwise_conv_second_use_and_jit():
   # Used twice in one jitted loss, the custom gradient must sum both paths.

@@ -365,7 +365,6 @@ def test_damaged_checkpoints_are_moved_aside_and_the_newest_good_one_resumes(
   np.testing.assert_array_equal(losses(workdir), one_device.losses)
 
 
-
 def test_orphaned_orbax_reads_are_not_reported_other_tasks_are(caplog):
   """The reads orbax leaves behind when a damaged checkpoint fails end in asyncio's "Task
   exception was never retrieved" (with a traceback): those are dropped, anyone else's kept."""
@@ -389,6 +388,7 @@ def test_orphaned_orbax_reads_are_not_reported_other_tasks_are(caplog):
     asyncio.run(main())
     gc.collect()
   assert "my own failure" in caplog.text and "OUT_OF_RANGE" not in caplog.text
+
 
 # ------------------------------------------------------------------------------ non-finite (3)
 
@@ -528,7 +528,6 @@ def test_nonfinite_skip_drops_the_steps_and_counts_them(poisoned, one_device, tm
   assert after8["step"] == 8
 
 
-
 def test_nonfinite_step_keeps_moments_ema_and_batch_stats():
   """train_step's skip, on a model with BatchNorm and EMA: a NaN batch leaves params, both
   Adam moments, the EMA and the running statistics exactly as they were; a finite one moves
@@ -560,6 +559,7 @@ def test_nonfinite_step_keeps_moments_ema_and_batch_stats():
   for field in kept:
     assert_trees_equal(getattr(state2, field), getattr(state1, field))
   assert int(state2.step) == 2 and int(state2.nonfinite_count) == 1
+
 
 # ------------------------------------------------------------------------------ bad input (4)
 
