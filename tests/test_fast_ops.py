@@ -6,7 +6,8 @@ import pytest
 import flax.linen as nn
 
 from effvit.attention.core import keys_major_attention
-from effvit.layers import DepthwiseConv, GroupedConv, PatchConv, depthwise_conv
+from effvit.layers import Dense, DepthwiseConv, GroupedConv, PatchConv, depthwise_conv
+from effvit.xla_cpu import compiler_options
 from pyramid_helpers import abstract_variables, compile_fast, random_variables
 
 
@@ -133,6 +134,32 @@ def test_patch_conv_is_a_drop_in_for_strided_nn_conv(patch, hw):
   grads = [jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), argnums=(0, 1))(variables, x)
            for m in (ours, ref)]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), *grads)
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 5), (2, 4, 6, 5), (5,)])
+def test_dense_is_a_drop_in_for_nn_dense(shape):
+  x = jnp.asarray(np.random.default_rng(7).standard_normal(shape), jnp.float32)
+  ours, ref = Dense(6), nn.Dense(6)
+  variables = jax.tree.map(lambda v: v + 0.1, ours.init(jax.random.key(0), x))
+  assert jax.tree.map(jnp.shape, variables) == \
+      jax.tree.map(jnp.shape, ref.init(jax.random.key(0), x))
+  np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  grads = [jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), argnums=(0, 1))(variables, x)
+           for m in (ours, ref)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), *grads)
+
+
+@pytest.mark.parametrize("module", [Dense(16), PatchConv(16, 1)])
+def test_kernel_gradient_does_not_transpose_the_output_gradient(module):
+  # With the leading axes kept, the compiled kernel gradient holds the (4, 12, 20, 16) output
+  # gradient transposed to (16, 4, 12, 20): a copy as large as an activation (nn.Dense does).
+  x = jnp.ones((4, 12, 20, 8))
+  variables = module.init(jax.random.key(0), x)
+  grad = jax.grad(lambda v, x: jnp.sum(jnp.sin(module.apply(v, x))))
+  hlo = jax.jit(grad, compiler_options=compiler_options("train")).lower(
+      variables, x).compile().as_text()
+  assert "f32[16,4,12,20]" not in hlo
 
 
 @pytest.mark.parametrize("name,kw,tol", [
