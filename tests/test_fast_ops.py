@@ -7,6 +7,7 @@ import flax.linen as nn
 
 from effvit.attention.core import keys_major_attention
 from effvit.layers import Dense, DepthwiseConv, GroupedConv, PatchConv, depthwise_conv
+from effvit.pooling import avg_pool, max_pool
 from effvit.xla_cpu import compiler_options
 from pyramid_helpers import abstract_variables, compile_fast, random_variables
 
@@ -160,6 +161,43 @@ def test_kernel_gradient_does_not_transpose_the_output_gradient(module):
   hlo = jax.jit(grad, compiler_options=compiler_options("train")).lower(
       variables, x).compile().as_text()
   assert "f32[16,4,12,20]" not in hlo
+
+
+@pytest.mark.parametrize("hw,window,stride,padding", [
+    ((9, 12), 3, 2, ((1, 1), (1, 1))), ((7, 5), 3, 1, ((1, 1), (1, 1))),
+    ((8, 8), 2, 2, ((0, 0), (0, 0))), ((7, 9), 3, 2, ((0, 1), (1, 0))), ((2, 3), 3, 2, ((1, 1), (1, 1)))])
+def test_pools_match_flax_pools_values_and_gradients(hw, window, stride, padding):
+  # Small integers: many tied maxima, so the gradient's choice among ties is tested exactly.
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.integers(-2, 3, (2, *hw, 4)), jnp.float32)
+  ref_max = lambda x: nn.max_pool(x, (window, window), (stride, stride), padding)
+  ours_max = lambda x: max_pool(x, window, stride, padding)
+  pairs = [(ours_max, ref_max)]
+  for include in (True, False):
+    pairs.append((lambda x, i=include: avg_pool(x, window, stride, padding, i),
+                  lambda x, i=include: nn.avg_pool(x, (window, window), (stride, stride), padding,
+                                                   count_include_pad=i)))
+  for ours, ref in pairs:
+    y = ref(x)
+    np.testing.assert_allclose(ours(x), y, rtol=1e-6, atol=1e-6)
+    g = jnp.asarray(rng.integers(-3, 4, y.shape), jnp.float32)
+    np.testing.assert_allclose(jax.vjp(ours, x)[1](g)[0], jax.vjp(ref, x)[1](g)[0],
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_bfloat16_and_jit():
+  x = jnp.asarray(np.random.default_rng(9).standard_normal((2, 10, 10, 3)), jnp.bfloat16)
+  pool = jax.jit(max_pool, static_argnums=(1, 2, 3))
+  y = pool(x, 3, 2, ((1, 1), (1, 1)))
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(y, nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1))))
+  grad = jax.grad(lambda x: pool(x, 3, 2, ((1, 1), (1, 1))).astype(jnp.float32).sum())(x)
+  assert grad.dtype == jnp.bfloat16 and float(grad.astype(jnp.float32).sum()) == y.size
+
+
+def test_pool_that_does_not_fit_says_so():
+  with pytest.raises(ValueError, match="does not fit"):
+    max_pool(jnp.zeros((1, 2, 2, 1)), 3, 2, ((0, 0), (0, 0)))
 
 
 @pytest.mark.parametrize("name,kw,tol", [

@@ -40,6 +40,7 @@ import flax.linen as nn
 from effvit.attention.split import SplitAttention, attention_width
 from effvit.errors import ConfigError
 from effvit.layers import BatchNorm, Dense, DropPath, PatchConv, conv_init
+from effvit.pooling import avg_pool, max_pool
 from effvit.models.pyramid import resolve_dtype
 from effvit.models.registry import build_from_table, register
 
@@ -102,7 +103,7 @@ class ResNeStConfig:
 def avg_pool_ceil(x: jax.Array, s: int) -> jax.Array:
   """PyTorch AvgPool2d(s, s, ceil_mode=True, count_include_pad=False) on NHWC."""
   pad = ((0, -x.shape[1] % s), (0, -x.shape[2] % s))
-  return nn.avg_pool(x, (s, s), strides=(s, s), padding=pad, count_include_pad=False)
+  return avg_pool(x, s, s, pad, count_include_pad=False)
 
 
 class ResNeSt(nn.Module):
@@ -134,7 +135,7 @@ class ResNeSt(nn.Module):
     x = nn.relu(norm("conv1_1")(conv(sw, "conv1_0", 2)(x), train))
     x = nn.relu(norm("conv1_4")(conv(sw, "conv1_3")(x), train))
     x = nn.relu(norm("bn1")(conv(2 * sw, "conv1_6")(x), train))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))   # pads are -inf
+    x = max_pool(x, 3, 2, ((1, 1), (1, 1)))   # pads are -inf
 
     maps = []
     block_cls = nn.remat(Bottleneck, static_argnums=(2,)) if cfg.remat else Bottleneck
@@ -170,8 +171,7 @@ class Bottleneck(nn.Module):
     norm = lambda name, **kw: BatchNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
                                         **kw)
     avd = cfg.avd and s > 1
-    avd_pool = lambda t: nn.avg_pool(t, (3, 3), strides=(s, s), padding=((1, 1), (1, 1)),
-                                     count_include_pad=True)
+    avd_pool = lambda t: avg_pool(t, 3, s, ((1, 1), (1, 1)), count_include_pad=True)
 
     y = nn.relu(norm("bn1")(conv(gw, "conv1")(x), train))
     if avd and cfg.avd_first:
