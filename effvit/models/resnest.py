@@ -40,9 +40,9 @@ import flax.linen as nn
 from effvit.attention.split import SplitAttention, attention_width
 from effvit.errors import ConfigError
 from effvit.layers import BatchNorm, Dense, DropPath, PatchConv, conv_init
-from effvit.pooling import avg_pool, max_pool
 from effvit.models.pyramid import resolve_dtype
 from effvit.models.registry import build_from_table, register
+from effvit.pooling import avg_pool, max_pool
 
 Dtype = Any
 EXPANSION = 4
