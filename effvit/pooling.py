@@ -20,15 +20,20 @@ import numpy as np
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
-def _views(x: jax.Array, window: int, stride: int, padding: Padding, fill) -> list[jax.Array]:
-  (top, bottom), (left, right) = padding
-  xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=fill)
+def _strided_views(xp, window: int, stride: int) -> list:
+  """The window·window strided views of an already padded NHWC array (numpy or JAX)."""
   ho, wo = ((n - window) // stride + 1 for n in xp.shape[1:3])
-  if ho < 1 or wo < 1:
-    raise ValueError(f"a {window}x{window} pool does not fit a {x.shape[1]}x{x.shape[2]} map "
-                     f"padded by {padding}")
   return [xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
           for i in range(window) for j in range(window)]
+
+
+def _views(x: jax.Array, window: int, stride: int, padding: Padding, fill) -> list[jax.Array]:
+  (top, bottom), (left, right) = padding
+  if min(x.shape[1] + top + bottom, x.shape[2] + left + right) < window:
+    raise ValueError(f"a {window}x{window} pool does not fit a {x.shape[1]}x{x.shape[2]} map "
+                     f"padded by {padding}")
+  xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=fill)
+  return _strided_views(xp, window, stride)
 
 
 def avg_pool(x: jax.Array, window: int, stride: int, padding: Padding,
@@ -38,11 +43,9 @@ def avg_pool(x: jax.Array, window: int, stride: int, padding: Padding,
   if count_include_pad:
     return total / (window * window)
   # Real pixels per window: the same views of a padded map of ones (static, numpy).
-  ones = np.pad(np.ones(x.shape[1:3], np.float32), padding)
-  ho, wo = total.shape[1:3]
-  count = sum(ones[i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
-              for i in range(window) for j in range(window))
-  return total * jnp.asarray(1.0 / count, x.dtype)[None, :, :, None]
+  ones = np.pad(np.ones((1, *x.shape[1:3], 1), np.float32), ((0, 0), *padding, (0, 0)))
+  count = sum(_strided_views(ones, window, stride))
+  return total * jnp.asarray(1.0 / count, x.dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))

@@ -103,13 +103,8 @@ def test_depthwise_conv_rejects_even_kernels():
     depthwise_conv(jnp.zeros((1, 4, 4, 2)), jnp.zeros((2, 2, 2)))
 
 
-@pytest.mark.parametrize("groups,kernel,strides,padding,bias", [
-    (2, 3, 1, 1, False), (4, 3, 2, 1, True), (1, 1, 1, 0, True), (3, 1, 1, 0, True)])
-def test_grouped_conv_is_a_drop_in_for_nn_conv(groups, kernel, strides, padding, bias):
-  x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 9, 7, 12)), jnp.float32)
-  ours = GroupedConv(24, kernel, groups, strides, padding, use_bias=bias)
-  ref = nn.Conv(24, (kernel, kernel), strides, padding, feature_group_count=groups,
-                use_bias=bias)
+def assert_drop_in(ours, ref, x):
+  """Same parameter shapes, and (with non-zero parameters) the same outputs and gradients."""
   variables = ours.init(jax.random.key(0), x)
   assert jax.tree.map(jnp.shape, variables) == \
       jax.tree.map(jnp.shape, ref.init(jax.random.key(0), x))
@@ -121,34 +116,27 @@ def test_grouped_conv_is_a_drop_in_for_nn_conv(groups, kernel, strides, padding,
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), *grads)
 
 
+@pytest.mark.parametrize("groups,kernel,strides,padding,bias", [
+    (2, 3, 1, 1, False), (4, 3, 2, 1, True), (1, 1, 1, 0, True), (3, 1, 1, 0, True)])
+def test_grouped_conv_is_a_drop_in_for_nn_conv(groups, kernel, strides, padding, bias):
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 9, 7, 12)), jnp.float32)
+  assert_drop_in(GroupedConv(24, kernel, groups, strides, padding, use_bias=bias),
+                 nn.Conv(24, (kernel, kernel), strides, padding, feature_group_count=groups,
+                         use_bias=bias), x)
+
+
 @pytest.mark.parametrize("patch,hw", [(4, (8, 12)), (2, (7, 5)), (8, (8, 8)), (1, (3, 4))])
 def test_patch_conv_is_a_drop_in_for_strided_nn_conv(patch, hw):
   # Odd sizes: the last row / column that fills no patch is dropped, as VALID padding does.
   x = jnp.asarray(np.random.default_rng(6).standard_normal((2, *hw, 5)), jnp.float32)
-  ours = PatchConv(6, patch)
-  ref = nn.Conv(6, (patch, patch), strides=patch, padding="VALID")
-  variables = jax.tree.map(lambda v: v + 0.1, ours.init(jax.random.key(0), x))
-  assert jax.tree.map(jnp.shape, variables) == \
-      jax.tree.map(jnp.shape, ref.init(jax.random.key(0), x))
-  np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x),
-                             rtol=1e-5, atol=1e-5)
-  grads = [jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), argnums=(0, 1))(variables, x)
-           for m in (ours, ref)]
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), *grads)
+  assert_drop_in(PatchConv(6, patch), nn.Conv(6, (patch, patch), strides=patch, padding="VALID"),
+                 x)
 
 
 @pytest.mark.parametrize("shape", [(3, 7, 5), (2, 4, 6, 5), (5,)])
 def test_dense_is_a_drop_in_for_nn_dense(shape):
   x = jnp.asarray(np.random.default_rng(7).standard_normal(shape), jnp.float32)
-  ours, ref = Dense(6), nn.Dense(6)
-  variables = jax.tree.map(lambda v: v + 0.1, ours.init(jax.random.key(0), x))
-  assert jax.tree.map(jnp.shape, variables) == \
-      jax.tree.map(jnp.shape, ref.init(jax.random.key(0), x))
-  np.testing.assert_allclose(ours.apply(variables, x), ref.apply(variables, x),
-                             rtol=1e-5, atol=1e-5)
-  grads = [jax.grad(lambda v, x: jnp.sum(jnp.sin(m.apply(v, x))), argnums=(0, 1))(variables, x)
-           for m in (ours, ref)]
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), *grads)
+  assert_drop_in(Dense(6), nn.Dense(6), x)
 
 
 @pytest.mark.parametrize("module", [Dense(16), PatchConv(16, 1)])
