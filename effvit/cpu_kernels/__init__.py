@@ -1,0 +1,116 @@
+"""C++ kernels for XLA:CPU, compiled on first use and called through the XLA FFI.
+
+One so far: the gradient of the 3×3 depthwise conv (PVTv2's ConvFFN, LaViT), whose weight
+gradient XLA:CPU runs as nine full passes over the activations and their gradient. The kernel
+makes one pass (depthwise_conv3x3.cc); pvt_v2_b0's training step at batch 32 went from 1004 to
+875 ms on the project's 2-core machine (README, Performance).
+
+The source ships with the package and is built with the system C++ compiler ($CXX, else c++)
+into $EFFVIT_KERNEL_CACHE (default ~/.cache/effvit), keyed by source, jaxlib version, compiler
+and CPU, so a build is reused until one of them changes. Without a compiler, or if the build
+fails, effvit warns once and keeps XLA's path: same results, slower. EFFVIT_CPU_KERNELS=0
+turns the kernels off. They are used on the CPU backend with a single device: XLA's SPMD
+partitioner has no sharding rule for an FFI call and would gather a batch-sharded input onto
+every device, so multi-device runs (and the test suite's 8 simulated devices) keep XLA's path.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+_SOURCE = pathlib.Path(__file__).with_name("depthwise_conv3x3.cc")
+_SYMBOL = "EffvitDepthwiseConv3x3BwdF32"
+_TARGET = "effvit_depthwise_conv3x3_bwd_f32"
+# -march=native: the build is per machine (the cache key includes the CPU's flags).
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
+def enabled() -> bool:
+  return os.environ.get("EFFVIT_CPU_KERNELS", "1") != "0"
+
+
+def _compiler() -> str | None:
+  return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def _cpu_id() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next((line for line in f if line.startswith(("flags", "Features"))), "")
+  except OSError:
+    return platform.processor()
+
+
+def library_path(compiler: str) -> pathlib.Path:
+  key = hashlib.sha256()
+  for part in (_SOURCE.read_bytes(), jax.ffi.include_dir(), importlib.metadata.version("jaxlib"), compiler,
+               " ".join(_FLAGS), _cpu_id()):
+    key.update(part if isinstance(part, bytes) else part.encode())
+  cache = pathlib.Path(os.environ.get("EFFVIT_KERNEL_CACHE",
+                                      pathlib.Path.home() / ".cache" / "effvit"))
+  return cache / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+
+
+def build(compiler: str, path: pathlib.Path) -> pathlib.Path:
+  """Compiles the kernels into `path` unless it exists; the rename makes concurrent builds
+  (pytest-xdist workers, several hosts on one home directory) safe."""
+  if path.exists():
+    return path
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+    out = pathlib.Path(tmp) / path.name
+    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+      last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+      raise OSError(f"{compiler} exited with {proc.returncode}: {last}")
+    os.replace(out, path)
+  return path
+
+
+@functools.cache
+def _registered() -> bool:
+  """Builds, loads and registers the kernels once per process; False (with one warning) if
+  that fails."""
+  compiler = _compiler()
+  try:
+    if compiler is None:
+      raise OSError("no C++ compiler found; install one or set CXX")
+    lib = ctypes.cdll.LoadLibrary(str(build(compiler, library_path(compiler))))
+    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(getattr(lib, _SYMBOL)),
+                                platform="cpu")
+    return True
+  except (OSError, AttributeError, subprocess.SubprocessError) as e:
+    warnings.warn(f"effvit: CPU kernels unavailable ({e}); the depthwise-conv gradient uses "
+                  "XLA's slower path. Set EFFVIT_CPU_KERNELS=0 to silence this.", stacklevel=2)
+    return False
+
+
+def _single_device() -> bool:
+  return jax.device_count() == 1
+
+
+def depthwise_conv3x3_grads(x: jax.Array, kernel: jax.Array, g: jax.Array):
+  """(dx, dk) of a "same" 3×3 depthwise conv of NHWC `x` with a (3, 3, C) kernel given the
+  output gradient g, or None where the kernel does not apply (not float32, not 3×3, not the
+  CPU backend, several devices, disabled or unavailable)."""
+  if (kernel.shape[:2] != (3, 3) or x.ndim != 4
+      or any(a.dtype != jnp.float32 for a in (x, kernel, g))
+      or jax.default_backend() != "cpu" or not _single_device()
+      or not enabled() or not _registered()):
+    return None
+  out = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+         jax.ShapeDtypeStruct(kernel.shape, jnp.float32))
+  return jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(x, kernel, g)
