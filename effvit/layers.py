@@ -85,6 +85,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   because autodiff of the shifted adds, and XLA's grouped-conv gradients, are both slow:
     dx = Σ_ij shift(g, ph - i, pw - j) · k[i, j]   (the same sum, taps mirrored),
     dk[i, j] = Σ_{b,y,x} x[y, x] · g[y + ph - i, x + pw - j]   (kh·kw reductions).
+  On XLA:CPU (float32, 3×3, one device) both come from one C++ pass, effvit.cpu_kernels.
   effvit.profile counts it as kh·kw MACs per output element, like the conv it replaces.
   """
   return _tap_sum(x, kernel).astype(x.dtype)
@@ -96,7 +97,7 @@ def _depthwise_conv_fwd(x, kernel):
 
 def _depthwise_conv_bwd(res, g):
   x, kernel = res
-  fast = cpu_kernels.depthwise_conv3x3_grads(x, kernel, g)   # one C++ pass on XLA:CPU
+  fast = cpu_kernels.depthwise_conv3x3_grads(x, kernel, g)
   if fast is not None:
     return fast
   kh, kw = kernel.shape[:2]
