@@ -68,7 +68,7 @@ def _eqn_macs(eqn) -> int:
     in_per_group = rhs[dn.rhs_spec[1]]
     kernel = math.prod(rhs[d] for d in dn.rhs_spec[2:])
     return math.prod(out) * in_per_group * kernel // eqn.params["batch_group_count"]
-  if name == "custom_vjp_call" and _custom_name(eqn) == "depthwise_conv":
+  if name == "custom_vjp_call" and _custom_name(eqn) in ("depthwise_conv", "depthwise_conv_gelu"):
     # effvit.layers.depthwise_conv computes a grouped conv as shifted adds: kh·kw MACs per
     # output element, as the conv it replaces (its inner jaxpr has no dot or conv to count).
     kh, kw = eqn.invars[1].aval.shape[:2]

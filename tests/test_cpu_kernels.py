@@ -1,5 +1,7 @@
-"""The C++ depthwise-conv gradient (effvit.cpu_kernels) against XLA's grouped conv, and its
-fallback when it cannot be built."""
+"""The C++ depthwise-conv kernels (effvit.cpu_kernels) against XLA's grouped conv and GELU, and
+their fallback when they cannot be built."""
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,16 +22,21 @@ def single_device(monkeypatch):
   monkeypatch.setattr(cpu_kernels, "_single_device", lambda: True)
 
 
-def grouped_conv_grads(x, kernel, g):
-  conv = lambda x, k: jax.lax.conv_general_dilated(
+def grouped_conv(x, k):
+  return jax.lax.conv_general_dilated(
       x, k[:, :, None, :], (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
       feature_group_count=x.shape[-1])
-  return jax.vjp(conv, x, kernel)[1](g)
+
+
+def grouped_conv_grads(x, kernel, g):
+  return jax.vjp(grouped_conv, x, kernel)[1](g)
+
+
+SHAPES = [(2, 5, 7, 20), (1, 1, 1, 3), (3, 6, 4, 32), (1, 9, 2, 17), (20, 3, 3, 16)]
 
 
 @needs_compiler
-@pytest.mark.parametrize("shape", [(2, 5, 7, 20), (1, 1, 1, 3), (3, 6, 4, 32), (1, 9, 2, 17),
-                                   (20, 3, 3, 16)])
+@pytest.mark.parametrize("shape", SHAPES)
 def test_kernel_matches_grouped_conv_gradients(shape, single_device):
   # 20 and 17 channels exercise the 16-lane blocks and the scalar tail; 1×1 and 9×2 maps the
   # borders; batch 20 × 3 rows spreads rows over all 16 chunks.
@@ -46,10 +53,24 @@ def test_kernel_matches_grouped_conv_gradients(shape, single_device):
   np.testing.assert_allclose(per_example[1].sum(0), ours[1], rtol=1e-5, atol=1e-4)
 
 
+@needs_compiler
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_forward_matches_grouped_conv_bias_and_gelu(shape, single_device):
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal(shape) * 2, jnp.float32)   # GELU's input spans ±10
+  kernel = jnp.asarray(rng.standard_normal((3, 3, shape[-1])), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32)
+  ours = jax.jit(cpu_kernels.depthwise_conv3x3_bias_gelu)(x, kernel, bias)
+  assert ours is not None, "the kernel should build and apply here"
+  ref = jax.nn.gelu(grouped_conv(x, kernel) + bias, approximate=False)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=2e-6)
+
+
 def test_kernel_applies_only_to_float32_3x3_on_one_device(monkeypatch):
   x = jnp.zeros((1, 4, 4, 2))
   assert jax.device_count() == 8   # conftest
   assert cpu_kernels.depthwise_conv3x3_grads(x, jnp.zeros((3, 3, 2)), x) is None
+  assert cpu_kernels.depthwise_conv3x3_bias_gelu(x, jnp.zeros((3, 3, 2)), jnp.zeros(2)) is None
   monkeypatch.setattr(cpu_kernels, "_single_device", lambda: True)
   assert cpu_kernels.depthwise_conv3x3_grads(x, jnp.zeros((5, 5, 2)), x) is None
   half = x.astype(jnp.bfloat16)
@@ -57,20 +78,25 @@ def test_kernel_applies_only_to_float32_3x3_on_one_device(monkeypatch):
 
 
 @needs_compiler
-def test_pvt_v2_training_gradients_use_the_kernel_and_match_xla(monkeypatch, single_device):
+def test_pvt_v2_logits_and_gradients_use_the_kernels_and_match_xla(monkeypatch, single_device):
   model = create_model("pvt_v2_b0", num_classes=5, depths=(1, 1, 1, 1))
   x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 32, 32, 3)), jnp.float32)
   variables = random_variables(model, x.shape)
   loss = lambda p: jnp.sum(model.apply({**variables, "params": p}, x) ** 2)
 
-  def grads(kernels_on):
+  def logits_and_grads(kernels_on):
     monkeypatch.setenv("EFFVIT_CPU_KERNELS", "1" if kernels_on else "0")
-    lowered = jax.jit(jax.grad(loss)).lower(variables["params"])   # traced again each time
-    step = lowered.compile(compiler_options=FAST_COMPILE)
-    return step(variables["params"]), "effvit_depthwise_conv3x3_bwd_f32" in lowered.as_text()
+    results, used = [], []
+    for fn, target in ((lambda p: model.apply({**variables, "params": p}, x),
+                        "effvit_depthwise_conv3x3_bias_gelu_f32"),
+                       (jax.grad(loss), "effvit_depthwise_conv3x3_bwd_f32")):
+      lowered = jax.jit(fn).lower(variables["params"])   # traced again each time
+      used.append(target in lowered.as_text())
+      results.append(lowered.compile(compiler_options=FAST_COMPILE)(variables["params"]))
+    return results, used
 
-  (fast, used), (slow, unused) = grads(True), grads(False)
-  assert used and not unused
+  (fast, used), (slow, unused) = logits_and_grads(True), logits_and_grads(False)
+  assert used == [True, True] and unused == [False, False]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), fast, slow)
 
 
@@ -84,7 +110,10 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, single_de
     kernel = jnp.asarray(rng.standard_normal((3, 3, 3)), jnp.float32)
     with pytest.warns(UserWarning, match="CPU kernels unavailable .*false exited with 1"):
       assert cpu_kernels.depthwise_conv3x3_grads(x, kernel, x) is None
-    assert cpu_kernels.depthwise_conv3x3_grads(x, kernel, x) is None   # no second build
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")   # no second build, no second warning
+      assert cpu_kernels.depthwise_conv3x3_grads(x, kernel, x) is None
+      assert cpu_kernels.depthwise_conv3x3_bias_gelu(x, kernel, kernel[0, 0]) is None
     assert not list(tmp_path.glob("*.so"))
     ours = jax.vjp(depthwise_conv, x, kernel)[1](x)   # XLA's path, same gradients
     for a, b in zip(ours, grouped_conv_grads(x, kernel, x)):

@@ -6,7 +6,8 @@ import pytest
 import flax.linen as nn
 
 from effvit.attention.core import keys_major_attention
-from effvit.layers import Dense, DepthwiseConv, GroupedConv, PatchConv, depthwise_conv
+from effvit.layers import (Dense, DepthwiseConv, GroupedConv, PatchConv, depthwise_conv,
+                           depthwise_conv_gelu)
 from effvit.pooling import avg_pool, max_pool
 from effvit.xla_cpu import compiler_options
 from pyramid_helpers import abstract_variables, compile_fast, random_variables
@@ -96,6 +97,25 @@ def test_depthwise_conv_bfloat16_accumulates_in_float32():
   dx, dk = jax.grad(lambda x, k: jnp.sum(depthwise_conv(x, k).astype(jnp.float32)),
                     argnums=(0, 1))(x.astype(jnp.bfloat16), kernel)
   assert dx.dtype == jnp.bfloat16 and dk.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 5e-2)])
+def test_depthwise_conv_gelu_matches_conv_bias_then_gelu(dtype, tol):
+  # The suite's 8 devices keep XLA's path here; tests/test_cpu_kernels.py checks the C++ one.
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.standard_normal((2, 5, 6, 7)) * 2, jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 7)), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(7), jnp.float32)
+  g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  ref_fn = lambda x, k, b: jax.nn.gelu(grouped_conv(x, k) + b, approximate=False)
+  ours, ours_vjp = jax.vjp(depthwise_conv_gelu, x.astype(dtype), kernel, bias)
+  ref, ref_vjp = jax.vjp(ref_fn, x.astype(dtype).astype(jnp.float32), kernel, bias)
+  assert ours.dtype == dtype
+  np.testing.assert_allclose(ours.astype(jnp.float32), ref, rtol=tol, atol=tol)
+  grads = ours_vjp(g.astype(dtype))
+  assert [a.dtype for a in grads] == [dtype, jnp.float32, jnp.float32]
+  for a, b in zip(grads, ref_vjp(g.astype(dtype).astype(jnp.float32))):
+    np.testing.assert_allclose(a.astype(jnp.float32), b, rtol=tol, atol=tol * 10)
 
 
 def test_depthwise_conv_rejects_even_kernels():

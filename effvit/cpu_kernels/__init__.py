@@ -1,9 +1,11 @@
 """C++ kernels for XLA:CPU, compiled on first use and called through the XLA FFI.
 
-One so far: the gradient of the 3×3 depthwise conv (PVTv2's ConvFFN, LaViT), whose weight
-gradient XLA:CPU runs as nine full passes over the activations and their gradient. The kernel
-makes one pass (depthwise_conv3x3.cc); pvt_v2_b0's training step at batch 32 went from 1004 to
-875 ms on the project's 2-core machine (README, Performance).
+Both are the 3×3 depthwise conv of PVTv2's ConvFFN (and LaViT's), in depthwise_conv3x3.cc:
+- its gradient, whose weight part XLA:CPU runs as nine full passes over the activation and its
+  gradient, in one pass (pvt_v2_b0's training step at batch 32: 976 → 835 ms on the project's
+  2-core machine; README, Performance);
+- its forward fused with the bias and GELU that follow it, one pass where XLA pads first,
+  used for inference (effvit.layers.depthwise_conv_gelu; pvt_v2_b0 at batch 32: 219 → 205 ms).
 
 The source ships with the package and is built with the system C++ compiler ($CXX, else c++)
 into $EFFVIT_KERNEL_CACHE (default ~/.cache/effvit), keyed by source, jaxlib version, compiler
@@ -31,8 +33,9 @@ import jax
 import jax.numpy as jnp
 
 _SOURCE = pathlib.Path(__file__).with_name("depthwise_conv3x3.cc")
-_SYMBOL = "EffvitDepthwiseConv3x3BwdF32"
-_TARGET = "effvit_depthwise_conv3x3_bwd_f32"
+# FFI target name -> symbol in the library
+_TARGETS = {"effvit_depthwise_conv3x3_bwd_f32": "EffvitDepthwiseConv3x3BwdF32",
+            "effvit_depthwise_conv3x3_bias_gelu_f32": "EffvitDepthwiseConv3x3BiasGeluF32"}
 # -march=native: the build is per machine (the cache key includes the CPU's flags).
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -55,8 +58,8 @@ def _cpu_id() -> str:
 
 def library_path(compiler: str) -> pathlib.Path:
   key = hashlib.sha256()
-  for part in (_SOURCE.read_bytes(), jax.ffi.include_dir(), importlib.metadata.version("jaxlib"), compiler,
-               " ".join(_FLAGS), _cpu_id()):
+  for part in (_SOURCE.read_bytes(), jax.ffi.include_dir(), importlib.metadata.version("jaxlib"),
+               compiler, " ".join(_FLAGS), _cpu_id()):
     key.update(part if isinstance(part, bytes) else part.encode())
   cache = pathlib.Path(os.environ.get("EFFVIT_KERNEL_CACHE",
                                       pathlib.Path.home() / ".cache" / "effvit"))
@@ -89,8 +92,9 @@ def _registered() -> bool:
     if compiler is None:
       raise OSError("no C++ compiler found; install one or set CXX")
     lib = ctypes.cdll.LoadLibrary(str(build(compiler, library_path(compiler))))
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(getattr(lib, _SYMBOL)),
-                                platform="cpu")
+    for target, symbol in _TARGETS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                  platform="cpu")
     return True
   except (OSError, AttributeError, subprocess.SubprocessError) as e:
     warnings.warn(f"effvit: CPU kernels unavailable ({e}); the depthwise-conv gradient uses "
@@ -102,15 +106,29 @@ def _single_device() -> bool:
   return jax.device_count() == 1
 
 
+def _applies(x: jax.Array, kernel: jax.Array, *others: jax.Array) -> bool:
+  return (kernel.shape[:2] == (3, 3) and x.ndim == 4
+          and all(a.dtype == jnp.float32 for a in (x, kernel, *others))
+          and jax.default_backend() == "cpu" and _single_device() and enabled() and _registered())
+
+
 def depthwise_conv3x3_grads(x: jax.Array, kernel: jax.Array, g: jax.Array):
   """(dx, dk) of a "same" 3×3 depthwise conv of NHWC `x` with a (3, 3, C) kernel given the
   output gradient g, or None where the kernel does not apply (not float32, not 3×3, not the
   CPU backend, several devices, disabled or unavailable)."""
-  if (kernel.shape[:2] != (3, 3) or x.ndim != 4
-      or any(a.dtype != jnp.float32 for a in (x, kernel, g))
-      or jax.default_backend() != "cpu" or not _single_device()
-      or not enabled() or not _registered()):
+  if not _applies(x, kernel, g):
     return None
   out = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
          jax.ShapeDtypeStruct(kernel.shape, jnp.float32))
-  return jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(x, kernel, g)
+  return jax.ffi.ffi_call("effvit_depthwise_conv3x3_bwd_f32", out,
+                          vmap_method="sequential")(x, kernel, g)
+
+
+def depthwise_conv3x3_bias_gelu(x: jax.Array, kernel: jax.Array, bias: jax.Array):
+  """gelu(depthwise_conv(x, kernel) + bias) (exact GELU), or None where the kernel does not
+  apply (as for depthwise_conv3x3_grads)."""
+  if not _applies(x, kernel, bias):
+    return None
+  out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+  return jax.ffi.ffi_call("effvit_depthwise_conv3x3_bias_gelu_f32", out,
+                          vmap_method="sequential")(x, kernel, bias)
