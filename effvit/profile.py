@@ -69,8 +69,8 @@ def _eqn_macs(eqn) -> int:
     kernel = math.prod(rhs[d] for d in dn.rhs_spec[2:])
     return math.prod(out) * in_per_group * kernel // eqn.params["batch_group_count"]
   if name == "custom_vjp_call" and _custom_name(eqn) in ("depthwise_conv", "depthwise_conv_gelu"):
-    # effvit.layers.depthwise_conv computes a grouped conv as shifted adds: kh·kw MACs per
-    # output element, as the conv it replaces (its inner jaxpr has no dot or conv to count).
+    # effvit.layers' depthwise convs are shifted adds or a C++ call: kh·kw MACs per output
+    # element, as the grouped conv they replace.
     kh, kw = eqn.invars[1].aval.shape[:2]
     return math.prod(eqn.outvars[0].aval.shape) * kh * kw
   return 0
@@ -86,7 +86,10 @@ def _custom_name(eqn) -> str:
 def _jaxpr_macs(jaxpr) -> int:
   total = 0
   for eqn in jaxpr.eqns:
-    total += _eqn_macs(eqn)
+    macs = _eqn_macs(eqn)
+    total += macs
+    if macs:   # counted whole (a depthwise conv): not its inner ops or C++ call again
+      continue
     mult = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
     for sub in _subjaxprs(eqn):
       total += mult * _jaxpr_macs(sub)
