@@ -97,8 +97,8 @@ def _registered() -> bool:
                                   platform="cpu")
     return True
   except (OSError, AttributeError, subprocess.SubprocessError) as e:
-    warnings.warn(f"effvit: CPU kernels unavailable ({e}); the depthwise-conv gradient uses "
-                  "XLA's slower path. Set EFFVIT_CPU_KERNELS=0 to silence this.", stacklevel=2)
+    warnings.warn(f"effvit: CPU kernels unavailable ({e}); depthwise convs use XLA's slower "
+                  "path (same results). Set EFFVIT_CPU_KERNELS=0 to silence this.", stacklevel=2)
     return False
 
 
