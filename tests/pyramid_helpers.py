@@ -71,6 +71,15 @@ def errors(ours, ref):
   return float(diff), float(diff / np.abs(ref).max())
 
 
+def grouped_conv(x, kernel):
+  """Depthwise conv as XLA's grouped conv, "same" zero padding, stride 1: the reference for
+  effvit's depthwise conv and its C++ kernels. kernel: (kh, kw, C)."""
+  k = kernel.shape[0] // 2, kernel.shape[1] // 2
+  return jax.lax.conv_general_dilated(
+      x, kernel[:, :, None, :], (1, 1), (k, k), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=x.shape[-1])
+
+
 def nchw_to_nhwc(x):
   return np.asarray(x).transpose(0, 2, 3, 1)
 

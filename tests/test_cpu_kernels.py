@@ -10,7 +10,7 @@ import pytest
 from effvit import cpu_kernels
 from effvit.layers import depthwise_conv
 from effvit.models import create_model
-from pyramid_helpers import FAST_COMPILE, random_variables
+from pyramid_helpers import FAST_COMPILE, grouped_conv, random_variables
 
 needs_compiler = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no C++ compiler")
 
@@ -20,12 +20,6 @@ def single_device(monkeypatch):
   """The suite simulates 8 devices, where the kernel is off (it has no sharding rule); these
   tests use unsharded arrays, as a single-device run does."""
   monkeypatch.setattr(cpu_kernels, "_single_device", lambda: True)
-
-
-def grouped_conv(x, k):
-  return jax.lax.conv_general_dilated(
-      x, k[:, :, None, :], (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=x.shape[-1])
 
 
 def grouped_conv_grads(x, kernel, g):

@@ -10,15 +10,7 @@ from effvit.layers import (Dense, DepthwiseConv, GroupedConv, PatchConv, depthwi
                            depthwise_conv_gelu)
 from effvit.pooling import avg_pool, max_pool
 from effvit.xla_cpu import compiler_options
-from pyramid_helpers import abstract_variables, compile_fast, random_variables
-
-
-def grouped_conv(x, kernel):
-  """The reference: XLA's grouped conv, "same" zero padding, stride 1."""
-  k = kernel.shape[0] // 2, kernel.shape[1] // 2
-  return jax.lax.conv_general_dilated(
-      x, kernel[:, :, None, :], (1, 1), (k, k), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=x.shape[-1])
+from pyramid_helpers import abstract_variables, compile_fast, grouped_conv, random_variables
 
 
 @pytest.mark.parametrize("shape,k", [((2, 5, 7, 6), 3), ((1, 1, 1, 4), 3), ((3, 6, 4, 5), 5),

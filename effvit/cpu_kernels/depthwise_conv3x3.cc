@@ -118,14 +118,13 @@ void ForwardRowBlock(const Map& m, const float* __restrict xb, const float* __re
   }
 }
 
-void Row(const Map& m, const float* x, const float* g, const float* k, float* dx, float* acc,
-         int64_t row) {
-  const int64_t image = m.h * m.w * m.c, b = row / m.h, y = row % m.h;
-  const float *xb = x + b * image, *gb = g + b * image;
-  float* dx_row = dx + row * m.w * m.c;
+// f(lane, c0) over the channels: 16 at a time with lane a Vec16, then the tail one at a time
+// with lane a float; f picks its vector type as decltype(lane).
+template <typename F>
+void ForChannelBlocks(int64_t c, F f) {
   int64_t c0 = 0;
-  for (; c0 + 16 <= m.c; c0 += 16) RowBlock<Vec16>(m, xb, gb, k, dx_row, acc, y, c0);
-  for (; c0 < m.c; ++c0) RowBlock<float>(m, xb, gb, k, dx_row, acc, y, c0);
+  for (; c0 + 16 <= c; c0 += 16) f(Vec16{}, c0);
+  for (; c0 < c; ++c0) f(0.f, c0);
 }
 
 // Chunks are claimed from a shared counter. The caller works too and then waits only for
@@ -178,9 +177,9 @@ static ffi::Error DepthwiseConv3x3BiasGelu(ffi::ThreadPool pool, ffi::Buffer<ffi
   ParallelFor(pool, rows, [=](int64_t row) {
     const float* xb = xp + row / m.h * image;
     float* out_row = yp + row * m.w * m.c;
-    int64_t c0 = 0;
-    for (; c0 + 16 <= m.c; c0 += 16) ForwardRowBlock<Vec16>(m, xb, kp, bp, out_row, row % m.h, c0);
-    for (; c0 < m.c; ++c0) ForwardRowBlock<float>(m, xb, kp, bp, out_row, row % m.h, c0);
+    ForChannelBlocks(m.c, [&](auto lane, int64_t c0) {
+      ForwardRowBlock<decltype(lane)>(m, xb, kp, bp, out_row, row % m.h, c0);
+    });
   });
   return ffi::Error::Success();
 }
@@ -195,14 +194,19 @@ static ffi::Error DepthwiseConv3x3Bwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
     return ffi::Error::InvalidArgument(
         "effvit depthwise_conv3x3 gradient: expected x and g (B, H, W, C), kernel (3, 3, C)");
   const Map m{xd[0], xd[1], xd[2], xd[3]};
-  const int64_t rows = m.b * m.h, taps = 9 * m.c;
+  const int64_t rows = m.b * m.h, taps = 9 * m.c, image = m.h * m.w * m.c;
   const int64_t chunks = std::min(rows, kChunks);
   std::vector<float> partial(chunks * taps, 0.f);
   const float *xp = x.typed_data(), *kp = k.typed_data(), *gp = g.typed_data();
   float *dxp = dx->typed_data(), *pp = partial.data();
   ParallelFor(pool, chunks, [=](int64_t i) {
-    for (int64_t r = rows * i / chunks; r < rows * (i + 1) / chunks; ++r)
-      Row(m, xp, gp, kp, dxp, pp + i * taps, r);
+    for (int64_t row = rows * i / chunks; row < rows * (i + 1) / chunks; ++row) {
+      const float *xb = xp + row / m.h * image, *gb = gp + row / m.h * image;
+      float* dx_row = dxp + row * m.w * m.c;
+      ForChannelBlocks(m.c, [&](auto lane, int64_t c0) {
+        RowBlock<decltype(lane)>(m, xb, gb, kp, dx_row, pp + i * taps, row % m.h, c0);
+      });
+    }
   });
   float* dkp = dk->typed_data();
   std::fill(dkp, dkp + taps, 0.f);
