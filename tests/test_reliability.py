@@ -36,7 +36,6 @@ import functools
 import glob
 import inspect
 import json
-import logging
 import os
 import pathlib
 import random
@@ -451,16 +450,6 @@ def poisoned(one_device):
 def start_at_4(trainer, one_device, workdir):
   shutil.copytree(one_device.workdir / "checkpoints" / "4", workdir / "checkpoints" / "4")
   trainer.plan = dataclasses.replace(trainer.plan, workdir=str(workdir))
-
-
-@pytest.fixture
-def restore_logging():
-  """cli.run points the root logger at this test's (captured) stderr: undo that afterwards."""
-  root = logging.getLogger()
-  handlers, level = root.handlers[:], root.level
-  yield
-  root.handlers[:] = handlers
-  root.setLevel(level)
 
 
 def exit_through_cli(error, capsys):

@@ -172,7 +172,7 @@ def test_model_init_ema_mixup_and_metrics_on_8_devices(imagenet, timm_weights, t
   stopped after step 3 and re-run, it ends bit-identical. (1 vs 8 devices and FSDP over 20
   steps, and checkpoints moving between 8, 4 and 1 devices: test_reliability.py.)"""
   c = make_config("pvt_v2", "b0", imagenet, steps=6, batch=16, evals=True, **TINY)
-  c.update(model_init=timm_weights["safetensors"], keep_checkpoints=10)
+  c.update(model_init=timm_weights["safetensors"], checkpoint_every_steps=3)
   c.optimizer.ema_decay = 0.9
   # mock_data swaps in a fake filesystem while it opens a dataset (the final evaluation): an
   # asynchronous save still running then would write into it. Real data needs no such care.

@@ -40,3 +40,21 @@ def test_opt_outs_and_bad_kind(monkeypatch):
   assert xla_cpu.compiler_options("inference") == {}
   with pytest.raises(ValueError, match="kind must be one of"):
     xla_cpu.compiler_options("eval")
+
+
+def test_init_compiles_unoptimised_with_the_same_values(monkeypatch):
+  """The train state's init (random numbers only) is compiled without LLVM's optimisation:
+  XLA accepts the option, and the parameters match the optimised build to an ulp."""
+  monkeypatch.delenv("EFFVIT_XLA_CPU", raising=False)
+  options = xla_cpu.compiler_options("init")
+  assert options == {"xla_backend_optimization_level": 0}
+  def init(key):
+    k1, k2 = jax.random.split(key)
+    return (0.02 * jax.random.truncated_normal(k1, -2.0, 2.0, (64, 96)),
+            jax.random.normal(k2, (3, 3, 1, 32)) * 0.3)
+  fast, plain = (jax.jit(init, compiler_options=o)(jax.random.key(3)) for o in (options, None))
+  for a, b in zip(fast, plain):
+    assert float(a.std()) > 0
+    assert jnp.allclose(a, b, rtol=3e-7, atol=0.0)
+  monkeypatch.setenv("EFFVIT_XLA_CPU", "default")
+  assert xla_cpu.compiler_options("init") == {}

@@ -171,7 +171,8 @@ class Trainer:
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
         self.state_sharding)
-    self._init = jax.jit(init, out_shardings=self.state_sharding)
+    self._init = jax.jit(init, out_shardings=self.state_sharding,
+                         compiler_options=compiler_options("init"))
     step_fn = functools.partial(
         train_step, model=plan.model, tx=self.tx, base_rng=jax.random.fold_in(self.rng, 1),
         num_classes=plan.num_classes, mixup=dict(c.mixup), aux_weights=dict(c.aux_loss_weights),
