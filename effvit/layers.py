@@ -125,22 +125,28 @@ def _conv_bias_gelu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Arr
 def depthwise_conv_gelu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   """gelu(depthwise_conv(x, kernel) + bias), the ConvFFN's conv, bias and activation.
 
-  Without a gradient (inference), on XLA:CPU (float32, 3×3, one device), it is one C++ pass
-  (effvit.cpu_kernels) where XLA pads in a pass of its own first: pvt_v2_b0's batch-32
-  forward 219 → 205 ms. Under a gradient it is the three ops as XLA differentiates them: with
-  the C++ forward and a hand-written backward the pvt_v2_b0 training step went from 923 to
-  1142 ms (the backward then recomputes the conv, which XLA otherwise shares with the forward).
+  On XLA:CPU (float32, 3×3, one device) both directions are C++ (effvit.cpu_kernels). Without
+  a gradient (inference) the forward is one pass where XLA pads in a pass of its own first:
+  pvt_v2_b0's batch-32 forward 219 → 205 ms. Under a gradient the forward stays XLA's (its
+  conv is shared with nothing else) and the backward recomputes h = conv + bias in cache and
+  gives dx, dk and db in one pass, where XLA recomputed h, wrote gy·gelu'(h) and reduced it in
+  passes of their own: pvt_v2_b0's batch-32 training step 1019 → 841 ms. Elsewhere it is the
+  three ops as XLA differentiates them.
   """
   fast = cpu_kernels.depthwise_conv3x3_bias_gelu(x, kernel, bias)
   return _conv_bias_gelu(x, kernel, bias) if fast is None else fast
 
 
 def _depthwise_conv_gelu_fwd(x, kernel, bias):
+  if cpu_kernels.applies(x, kernel, bias):   # the C++ gradient recomputes h from these
+    return _conv_bias_gelu(x, kernel, bias), (x, kernel, bias)
   return jax.vjp(_conv_bias_gelu, x, kernel, bias)   # the vjp function is the residual
 
 
-def _depthwise_conv_gelu_bwd(vjp_fn, g):
-  return vjp_fn(g)
+def _depthwise_conv_gelu_bwd(res, g):
+  if isinstance(res, tuple):
+    return cpu_kernels.depthwise_conv3x3_bias_gelu_grads(*res, g)
+  return res(g)
 
 
 depthwise_conv_gelu.defvjp(_depthwise_conv_gelu_fwd, _depthwise_conv_gelu_bwd)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from effvit import cpu_kernels
-from effvit.layers import depthwise_conv
+from effvit.layers import DepthwiseConv, depthwise_conv
 from effvit.models import create_model
 from pyramid_helpers import FAST_COMPILE, grouped_conv, random_variables
 
@@ -60,11 +60,27 @@ def test_fused_forward_matches_grouped_conv_bias_and_gelu(shape, single_device):
   np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=2e-6)
 
 
+@needs_compiler
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_gradient_matches_xla_gradient_of_grouped_conv_bias_and_gelu(shape, single_device):
+  rng = np.random.default_rng(4)
+  x, g = (jnp.asarray(rng.standard_normal(shape) * s, jnp.float32) for s in (2, 1))
+  kernel = jnp.asarray(rng.standard_normal((3, 3, shape[-1])), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32)
+  ours = jax.jit(cpu_kernels.depthwise_conv3x3_bias_gelu_grads)(x, kernel, bias, g)
+  assert ours is not None, "the kernel should build and apply here"
+  ref = lambda x, k, b: jax.nn.gelu(grouped_conv(x, k) + b, approximate=False)
+  for a, b in zip(ours, jax.vjp(ref, x, kernel, bias)[1](g)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4 * float(jnp.abs(b).max()))
+
+
 def test_kernel_applies_only_to_float32_3x3_on_one_device(monkeypatch):
   x = jnp.zeros((1, 4, 4, 2))
   assert jax.device_count() == 8   # conftest
   assert cpu_kernels.depthwise_conv3x3_grads(x, jnp.zeros((3, 3, 2)), x) is None
   assert cpu_kernels.depthwise_conv3x3_bias_gelu(x, jnp.zeros((3, 3, 2)), jnp.zeros(2)) is None
+  assert cpu_kernels.depthwise_conv3x3_bias_gelu_grads(x, jnp.zeros((3, 3, 2)), jnp.zeros(2),
+                                                       x) is None
   monkeypatch.setattr(cpu_kernels, "_single_device", lambda: True)
   assert cpu_kernels.depthwise_conv3x3_grads(x, jnp.zeros((5, 5, 2)), x) is None
   half = x.astype(jnp.bfloat16)
@@ -83,7 +99,7 @@ def test_pvt_v2_logits_and_gradients_use_the_kernels_and_match_xla(monkeypatch, 
     results, used = [], []
     for fn, target in ((lambda p: model.apply({**variables, "params": p}, x),
                         "effvit_depthwise_conv3x3_bias_gelu_f32"),
-                       (jax.grad(loss), "effvit_depthwise_conv3x3_bwd_f32")):
+                       (jax.grad(loss), "effvit_depthwise_conv3x3_bias_gelu_bwd_f32")):
       lowered = jax.jit(fn).lower(variables["params"])   # traced again each time
       used.append(target in lowered.as_text())
       results.append(lowered.compile(compiler_options=FAST_COMPILE)(variables["params"]))
@@ -92,6 +108,22 @@ def test_pvt_v2_logits_and_gradients_use_the_kernels_and_match_xla(monkeypatch, 
   (fast, used), (slow, unused) = logits_and_grads(True), logits_and_grads(False)
   assert used == [True, True] and unused == [False, False]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), fast, slow)
+
+
+@needs_compiler
+def test_depthwise_conv_module_gradient_uses_the_kernel(monkeypatch, single_device):
+  """DepthwiseConv without GELU (Twins' PEG) takes the conv-only gradient kernel."""
+  module = DepthwiseConv(3)
+  x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 6, 5, 20)), jnp.float32)
+  variables = module.init(jax.random.key(0), x)
+  grad = jax.grad(lambda v, x: jnp.sum(jnp.sin(module.apply(v, x))), (0, 1))
+  results = []
+  for on in ("1", "0"):
+    monkeypatch.setenv("EFFVIT_CPU_KERNELS", on)
+    lowered = jax.jit(lambda v, x: grad(v, x)).lower(variables, x)   # traced again each time
+    assert ("effvit_depthwise_conv3x3_bwd_f32" in lowered.as_text()) == (on == "1")
+    results.append(lowered.compile()(variables, x))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), *results)
 
 
 def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, single_device):
@@ -108,6 +140,7 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path, single_de
       warnings.simplefilter("error")   # no second build, no second warning
       assert cpu_kernels.depthwise_conv3x3_grads(x, kernel, x) is None
       assert cpu_kernels.depthwise_conv3x3_bias_gelu(x, kernel, kernel[0, 0]) is None
+      assert cpu_kernels.depthwise_conv3x3_bias_gelu_grads(x, kernel, kernel[0, 0], x) is None
     assert not list(tmp_path.glob("*.so"))
     ours = jax.vjp(depthwise_conv, x, kernel)[1](x)   # XLA's path, same gradients
     for a, b in zip(ours, grouped_conv_grads(x, kernel, x)):

@@ -1,11 +1,15 @@
 """C++ kernels for XLA:CPU, compiled on first use and called through the XLA FFI.
 
-Both are the 3×3 depthwise conv of PVTv2's ConvFFN (and LaViT's), in depthwise_conv3x3.cc:
+All are the 3×3 depthwise conv of PVTv2's ConvFFN (and LaViT's), in depthwise_conv3x3.cc:
 - its gradient, whose weight part XLA:CPU runs as nine full passes over the activation and its
-  gradient, in one pass (pvt_v2_b0's training step at batch 32: 976 → 835 ms on the project's
-  2-core machine; README, Performance);
+  gradient, in one pass (used by DepthwiseConv without GELU, Twins' PEG; when the ConvFFN used
+  it, pvt_v2_b0's training step at batch 32 went 976 → 835 ms on the project's 2-core machine;
+  README, Performance);
 - its forward fused with the bias and GELU that follow it, one pass where XLA pads first,
-  used for inference (effvit.layers.depthwise_conv_gelu; pvt_v2_b0 at batch 32: 219 → 205 ms).
+  used for inference (effvit.layers.depthwise_conv_gelu; pvt_v2_b0 at batch 32: 219 → 205 ms);
+- that fused op's gradient in one pass, recomputing the conv in cache where XLA recomputes it,
+  writes gy·gelu'(h) and reduces it in passes of their own (pvt_v2_b0's training step at batch
+  32: 1019 → 841 ms; pvt_v2_b2 at batch 8: 1078 → 970 ms).
 
 The source ships with the package and is built with the system C++ compiler ($CXX, else c++)
 into $EFFVIT_KERNEL_CACHE (default ~/.cache/effvit), keyed by source, jaxlib version, compiler
@@ -35,7 +39,8 @@ import jax.numpy as jnp
 _SOURCE = pathlib.Path(__file__).with_name("depthwise_conv3x3.cc")
 # FFI target name -> symbol in the library
 _TARGETS = {"effvit_depthwise_conv3x3_bwd_f32": "EffvitDepthwiseConv3x3BwdF32",
-            "effvit_depthwise_conv3x3_bias_gelu_f32": "EffvitDepthwiseConv3x3BiasGeluF32"}
+            "effvit_depthwise_conv3x3_bias_gelu_f32": "EffvitDepthwiseConv3x3BiasGeluF32",
+            "effvit_depthwise_conv3x3_bias_gelu_bwd_f32": "EffvitDepthwiseConv3x3BiasGeluBwdF32"}
 # -march=native: the build is per machine (the cache key includes the CPU's flags).
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -106,7 +111,9 @@ def _single_device() -> bool:
   return jax.device_count() == 1
 
 
-def _applies(x: jax.Array, kernel: jax.Array, *others: jax.Array) -> bool:
+def applies(x: jax.Array, kernel: jax.Array, *others: jax.Array) -> bool:
+  """Whether the kernels run for these arrays (float32, 3×3, CPU backend, one device,
+  enabled and built)."""
   return (kernel.shape[:2] == (3, 3) and x.ndim == 4
           and all(a.dtype == jnp.float32 for a in (x, kernel, *others))
           and jax.default_backend() == "cpu" and _single_device() and enabled() and _registered())
@@ -116,7 +123,7 @@ def depthwise_conv3x3_grads(x: jax.Array, kernel: jax.Array, g: jax.Array):
   """(dx, dk) of a "same" 3×3 depthwise conv of NHWC `x` with a (3, 3, C) kernel given the
   output gradient g, or None where the kernel does not apply (not float32, not 3×3, not the
   CPU backend, several devices, disabled or unavailable)."""
-  if not _applies(x, kernel, g):
+  if not applies(x, kernel, g):
     return None
   out = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
          jax.ShapeDtypeStruct(kernel.shape, jnp.float32))
@@ -127,8 +134,19 @@ def depthwise_conv3x3_grads(x: jax.Array, kernel: jax.Array, g: jax.Array):
 def depthwise_conv3x3_bias_gelu(x: jax.Array, kernel: jax.Array, bias: jax.Array):
   """gelu(depthwise_conv(x, kernel) + bias) (exact GELU), or None where the kernel does not
   apply (as for depthwise_conv3x3_grads)."""
-  if not _applies(x, kernel, bias):
+  if not applies(x, kernel, bias):
     return None
   out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
   return jax.ffi.ffi_call("effvit_depthwise_conv3x3_bias_gelu_f32", out,
                           vmap_method="sequential")(x, kernel, bias)
+
+
+def depthwise_conv3x3_bias_gelu_grads(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                                      g: jax.Array):
+  """(dx, dk, db) of depthwise_conv3x3_bias_gelu given its output gradient g, or None where
+  the kernel does not apply."""
+  if not applies(x, kernel, bias, g):
+    return None
+  out = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, kernel, bias))
+  return jax.ffi.ffi_call("effvit_depthwise_conv3x3_bias_gelu_bwd_f32", out,
+                          vmap_method="sequential")(x, kernel, bias, g)

@@ -6,21 +6,28 @@
 // Gradient of the conv alone, given g = dL/dh:
 //   dx[b, r, s, c] = sum_{i,j} g[b, r - i + 1, s - j + 1, c] * k[i, j, c]
 //   dk[i, j, c]    = sum_{b,r,s} g[b, r, s, c] * x[b, r + i - 1, s + j - 1, c]
-// (terms outside the map are zero). XLA:CPU pads x in a pass of its own before the forward,
-// computes dk as nine reductions, each a full pass over x and g, and dx as a tenth pass; here
-// the forward reads x once and writes y, and the gradient reads x and g once and writes dx.
+// (terms outside the map are zero). Gradient of the fused op, given gy = dL/dy: h again, then
+//   g = gy * gelu'(h),  gelu'(h) = (1 + erf(h / sqrt(2))) / 2 + h * exp(-h^2 / 2) / sqrt(2 pi)
+//   db[c] = sum_{b,r,s} g[b, r, s, c], and dx, dk from g as above.
+// XLA:CPU pads x in a pass of its own before the forward, computes dk as nine reductions,
+// each a full pass over x and g, and dx as a tenth pass; under the fused op's gradient it
+// also recomputes h and writes g in passes of their own. Here the forward reads x once and
+// writes y; the gradient reads x and g (or gy) once and writes dx, keeping g's rows in cache.
 //
 // Work: one image row at a time, 16 channels at a time: the 9 taps of k (and of dk's running
 // sums) stay in vector registers along the row. Rows are split into a fixed number of chunks
-// shared by the XLA intra-op threads; each chunk sums into its own dk partial and the partials
-// are added in chunk order, so results do not depend on the thread count or scheduling.
+// shared by the XLA intra-op threads; each chunk sums into its own dk (and db) partial and the
+// partials are added in chunk order, so results do not depend on the thread count or
+// scheduling.
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -48,10 +55,11 @@ inline void Store(float* p, V v) {
   std::memcpy(p, &v, sizeof v);
 }
 
-// dx of image row `y` and that row's terms of dk (added to acc, 9 x C), for the lanes of V
-// (16 channels, or 1 for the channel tail) from channel c0. xb, gb: this image of x and g.
-template <typename V>
-void RowBlock(const Map& m, const float* __restrict xb, const float* __restrict gb,
+// dx of image row `y` and that row's terms of dk (added to acc, 9 x C; with kBias also db,
+// acc's row 9), for the lanes of V (16 channels, or 1 for the channel tail) from channel c0.
+// xb: this image of x; g[0], g[1], g[2]: rows y - 1, y, y + 1 of g (nullptr outside the map).
+template <typename V, bool kBias>
+void RowBlock(const Map& m, const float* __restrict xb, const float* const g[3],
               const float* __restrict k, float* __restrict dx_row, float* __restrict acc,
               int64_t y, int64_t c0) {
   const int64_t c = m.c, w = m.w;
@@ -60,22 +68,25 @@ void RowBlock(const Map& m, const float* __restrict xb, const float* __restrict 
     kv[t] = Load<V>(k + t * c + c0);
     sum[t] = Load<V>(acc + t * c + c0);
   }
+  V db{};
   for (int64_t s = 0; s < w; ++s) {
-    const V go = Load<V>(gb + (y * w + s) * c + c0);
+    const V go = Load<V>(g[1] + s * c + c0);
     V d{};
     for (int i = 0; i < 3; ++i) {
-      const int64_t rg = y - i + 1, rx = y + i - 1;
+      const float* gr = g[2 - i];   // row y - i + 1
+      const int64_t rx = y + i - 1;
       for (int j = 0; j < 3; ++j) {
         const int64_t sg = s - j + 1, sx = s + j - 1;
-        if (rg >= 0 && rg < m.h && sg >= 0 && sg < w)
-          d += Load<V>(gb + (rg * w + sg) * c + c0) * kv[i * 3 + j];
+        if (gr != nullptr && sg >= 0 && sg < w) d += Load<V>(gr + sg * c + c0) * kv[i * 3 + j];
         if (rx >= 0 && rx < m.h && sx >= 0 && sx < w)
           sum[i * 3 + j] += go * Load<V>(xb + (rx * w + sx) * c + c0);
       }
     }
+    if (kBias) db += go;
     Store<V>(dx_row + s * c + c0, d);
   }
   for (int t = 0; t < 9; ++t) Store<V>(acc + t * c + c0, sum[t]);
+  if (kBias) Store<V>(acc + 9 * c + c0, Load<V>(acc + 9 * c + c0) + db);
 }
 
 // erf as x * P(x^2) / Q(x^2) on [-4, 4] (|error| < 5e-7; erf(4) rounds to 1 in float32).
@@ -95,26 +106,60 @@ inline V Erf(V x) {
   return x * p / q;
 }
 
-// y for image row `y` (out_row), channels [c0, c0 + lanes).
+// exp(x) for x <= 0 (|relative error| < 2e-7): 2^n * e^r with r = x - n ln2, |r| <= ln2 / 2.
 template <typename V>
-void ForwardRowBlock(const Map& m, const float* __restrict xb, const float* __restrict k,
-                     const float* __restrict bias, float* __restrict out_row, int64_t y,
-                     int64_t c0) {
-  const int64_t c = m.c, w = m.w;
+inline V ExpNonPositive(V x) {
+  if constexpr (std::is_same_v<V, float>) {
+    return std::exp(x);
+  } else {
+    typedef int32_t IVec16 __attribute__((vector_size(64), aligned(4)));
+    x = x < -87.f ? V{} - 87.f : x;   // 2^n stays a normal float
+    const V shifter = V{} + 12582912.f;   // 1.5 * 2^23: adding it rounds to an integer
+    const V n = (x * 1.44269504088896341f + shifter) - shifter;
+    const V r = (x - n * 0.693359375f) + n * 2.12194440e-4f;   // ln2 in two parts
+    V p = V{} + 1.f / 720;
+    for (float a : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = p * r + a;
+    const IVec16 bits = (__builtin_convertvector(n, IVec16) + 127) << 23;
+    V scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+  }
+}
+
+// h = bias + conv(x) at image row y, column s, lanes of V from c0 (kv: the 9 taps).
+template <typename V>
+inline V ConvAt(const Map& m, const float* __restrict xb, const V kv[9], V h, int64_t y,
+                int64_t s, int64_t c0) {
+  for (int i = 0; i < 3; ++i) {
+    const int64_t r = y + i - 1;
+    if (r < 0 || r >= m.h) continue;
+    for (int j = 0; j < 3; ++j) {
+      const int64_t sx = s + j - 1;
+      if (sx >= 0 && sx < m.w) h += Load<V>(xb + (r * m.w + sx) * m.c + c0) * kv[i * 3 + j];
+    }
+  }
+  return h;
+}
+
+// Image row y of y = gelu(h) (kGrad false), or of g = gy * gelu'(h) (kGrad true, gy_row the
+// row of gy), into out_row, channels [c0, c0 + lanes).
+template <typename V, bool kGrad>
+void GeluRowBlock(const Map& m, const float* __restrict xb, const float* __restrict k,
+                  const float* __restrict bias, const float* __restrict gy_row,
+                  float* __restrict out_row, int64_t y, int64_t c0) {
+  const int64_t c = m.c;
   V kv[9];
   for (int t = 0; t < 9; ++t) kv[t] = Load<V>(k + t * c + c0);
   const V b = Load<V>(bias + c0);
-  for (int64_t s = 0; s < w; ++s) {
-    V h = b;
-    for (int i = 0; i < 3; ++i) {
-      const int64_t r = y + i - 1;
-      if (r < 0 || r >= m.h) continue;
-      for (int j = 0; j < 3; ++j) {
-        const int64_t sx = s + j - 1;
-        if (sx >= 0 && sx < w) h += Load<V>(xb + (r * w + sx) * c + c0) * kv[i * 3 + j];
-      }
+  for (int64_t s = 0; s < m.w; ++s) {
+    const V h = ConvAt<V>(m, xb, kv, b, y, s, c0);
+    const V cdf = 0.5f * (1.f + Erf<V>(h * 0.70710678118654752f));
+    if (kGrad) {
+      const V pdf = ExpNonPositive<V>(-0.5f * h * h) * 0.39894228040143268f;
+      Store<V>(out_row + s * c + c0, Load<V>(gy_row + s * c + c0) * (cdf + h * pdf));
+    } else {
+      Store<V>(out_row + s * c + c0, h * cdf);
     }
-    Store<V>(out_row + s * c + c0, h * 0.5f * (1.f + Erf<V>(h * 0.70710678118654752f)));
   }
 }
 
@@ -160,14 +205,22 @@ bool IsKernel(ffi::Span<const int64_t> k, int64_t c) {
   return k.size() == 3 && k[0] == 3 && k[1] == 3 && k[2] == c;
 }
 
+bool IsBias(ffi::Span<const int64_t> b, int64_t c) { return b.size() == 1 && b[0] == c; }
+
+// Sums the chunks' partials (chunks x n) into out in chunk order.
+void SumPartials(const std::vector<float>& partial, int64_t chunks, int64_t n, float* out) {
+  std::fill(out, out + n, 0.f);
+  for (int64_t i = 0; i < chunks; ++i)
+    for (int64_t t = 0; t < n; ++t) out[t] += partial[i * n + t];
+}
+
 }  // namespace
 
 static ffi::Error DepthwiseConv3x3BiasGelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                            ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> bias,
                                            ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions();
-  if (!IsMap(xd) || !IsKernel(k.dimensions(), xd[3]) || bias.dimensions().size() != 1 ||
-      bias.dimensions()[0] != xd[3])
+  if (!IsMap(xd) || !IsKernel(k.dimensions(), xd[3]) || !IsBias(bias.dimensions(), xd[3]))
     return ffi::Error::InvalidArgument(
         "effvit depthwise_conv3x3 forward: expected x (B, H, W, C), kernel (3, 3, C), bias (C,)");
   const Map m{xd[0], xd[1], xd[2], xd[3]};
@@ -178,7 +231,7 @@ static ffi::Error DepthwiseConv3x3BiasGelu(ffi::ThreadPool pool, ffi::Buffer<ffi
     const float* xb = xp + row / m.h * image;
     float* out_row = yp + row * m.w * m.c;
     ForChannelBlocks(m.c, [&](auto lane, int64_t c0) {
-      ForwardRowBlock<decltype(lane)>(m, xb, kp, bp, out_row, row % m.h, c0);
+      GeluRowBlock<decltype(lane), false>(m, xb, kp, bp, nullptr, out_row, row % m.h, c0);
     });
   });
   return ffi::Error::Success();
@@ -194,24 +247,70 @@ static ffi::Error DepthwiseConv3x3Bwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
     return ffi::Error::InvalidArgument(
         "effvit depthwise_conv3x3 gradient: expected x and g (B, H, W, C), kernel (3, 3, C)");
   const Map m{xd[0], xd[1], xd[2], xd[3]};
-  const int64_t rows = m.b * m.h, taps = 9 * m.c, image = m.h * m.w * m.c;
+  const int64_t rows = m.b * m.h, taps = 9 * m.c, image = m.h * m.w * m.c, row_size = m.w * m.c;
   const int64_t chunks = std::min(rows, kChunks);
   std::vector<float> partial(chunks * taps, 0.f);
   const float *xp = x.typed_data(), *kp = k.typed_data(), *gp = g.typed_data();
   float *dxp = dx->typed_data(), *pp = partial.data();
   ParallelFor(pool, chunks, [=](int64_t i) {
     for (int64_t row = rows * i / chunks; row < rows * (i + 1) / chunks; ++row) {
-      const float *xb = xp + row / m.h * image, *gb = gp + row / m.h * image;
-      float* dx_row = dxp + row * m.w * m.c;
+      const int64_t y = row % m.h;
+      const float* gr[3] = {y > 0 ? gp + (row - 1) * row_size : nullptr, gp + row * row_size,
+                            y + 1 < m.h ? gp + (row + 1) * row_size : nullptr};
       ForChannelBlocks(m.c, [&](auto lane, int64_t c0) {
-        RowBlock<decltype(lane)>(m, xb, gb, kp, dx_row, pp + i * taps, row % m.h, c0);
+        RowBlock<decltype(lane), false>(m, xp + row / m.h * image, gr, kp,
+                                        dxp + row * row_size, pp + i * taps, y, c0);
       });
     }
   });
-  float* dkp = dk->typed_data();
-  std::fill(dkp, dkp + taps, 0.f);
-  for (int64_t i = 0; i < chunks; ++i)
-    for (int64_t t = 0; t < taps; ++t) dkp[t] += pp[i * taps + t];
+  SumPartials(partial, chunks, taps, dk->typed_data());
+  return ffi::Error::Success();
+}
+
+static ffi::Error DepthwiseConv3x3BiasGeluBwd(
+    ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> gy, ffi::ResultBuffer<ffi::F32> dx,
+    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> db) {
+  const auto xd = x.dimensions(), gd = gy.dimensions();
+  if (!IsMap(xd) || !IsKernel(k.dimensions(), xd[3]) || !IsBias(bias.dimensions(), xd[3]) ||
+      !IsMap(gd) || !std::equal(xd.begin(), xd.end(), gd.begin()))
+    return ffi::Error::InvalidArgument(
+        "effvit depthwise_conv3x3 bias-GELU gradient: expected x and gy (B, H, W, C), kernel "
+        "(3, 3, C), bias (C,)");
+  const Map m{xd[0], xd[1], xd[2], xd[3]};
+  const int64_t rows = m.b * m.h, sums = 10 * m.c, image = m.h * m.w * m.c, row_size = m.w * m.c;
+  const int64_t chunks = std::min(rows, kChunks);
+  std::vector<float> partial(chunks * sums, 0.f);
+  const float *xp = x.typed_data(), *kp = k.typed_data(), *bp = bias.typed_data();
+  const float* gyp = gy.typed_data();
+  float *dxp = dx->typed_data(), *pp = partial.data();
+  ParallelFor(pool, chunks, [=](int64_t i) {
+    // g's rows, computed once each (the rows next to a chunk twice): row r in slot r % 3.
+    std::vector<float> ring(3 * row_size);
+    auto slot = [&](int64_t r) { return ring.data() + r % 3 * row_size; };
+    int64_t ready = -1;   // rows below this one are in the ring, as far back as row - 1
+    for (int64_t row = rows * i / chunks; row < rows * (i + 1) / chunks; ++row) {
+      const int64_t y = row % m.h;
+      const int64_t first = y > 0 ? row - 1 : row, last = y + 1 < m.h ? row + 1 : row;
+      for (int64_t r = std::max(first, ready); r <= last; ++r) {
+        ForChannelBlocks(m.c, [&](auto lane, int64_t c0) {
+          GeluRowBlock<decltype(lane), true>(m, xp + r / m.h * image, kp, bp,
+                                             gyp + r * row_size, slot(r), r % m.h, c0);
+        });
+      }
+      ready = last + 1;
+      const float* gr[3] = {y > 0 ? slot(row - 1) : nullptr, slot(row),
+                            y + 1 < m.h ? slot(row + 1) : nullptr};
+      ForChannelBlocks(m.c, [&](auto lane, int64_t c0) {
+        RowBlock<decltype(lane), true>(m, xp + row / m.h * image, gr, kp,
+                                       dxp + row * row_size, pp + i * sums, y, c0);
+      });
+    }
+  });
+  std::vector<float> total(sums);
+  SumPartials(partial, chunks, sums, total.data());
+  std::copy(total.begin(), total.begin() + 9 * m.c, dk->typed_data());
+  std::copy(total.begin() + 9 * m.c, total.end(), db->typed_data());
   return ffi::Error::Success();
 }
 
@@ -231,3 +330,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EffvitDepthwiseConv3x3BwdF32, DepthwiseConv3x3Bwd,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // g
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dx
                                   .Ret<ffi::Buffer<ffi::F32>>()); // dk
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffvitDepthwiseConv3x3BiasGeluBwdF32, DepthwiseConv3x3BiasGeluBwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // kernel
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // gy
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // db
