@@ -33,6 +33,7 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3, asynchronous: bool = True):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self._keep, self._async = keep, asynchronous
+    _save_replicated_arrays_from_one_replica()
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
@@ -104,6 +105,16 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _save_replicated_arrays_from_one_replica() -> None:
+  """Orbax's default on CPU and TPU ("replica-parallel") splits each replicated array into one
+  slice per replica, each cut by an eager jax op compiled per shape and device: the first save
+  of pvt_v2_b0's state on 8 (CPU) devices took 7.8 s instead of 0.1 s on 1, and each later one
+  ~1 s. Replicated arrays are written from replica 0 instead, as orbax does on GPUs; sharded
+  (FSDP) arrays are still written by the devices that hold them. Restoring reads either layout."""
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
 def signature(tree) -> list[str]:
