@@ -7,6 +7,7 @@ norms, 1e-5 after patch embedding and after the SR conv).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -348,6 +349,43 @@ class PEG(nn.Module):
     return x + map_to_tokens(y)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _batch_norm_train(x, scale, bias, eps):
+  """(y, mean, var) of BatchNorm in training: the batch statistics over all axes but the last
+  and y = (x - mean)·rsqrt(var + eps)·scale + bias, with a hand-written gradient.
+
+  As XLA differentiates the two-pass statistics, the backward reads x and gy in several
+  reductions and elementwise passes; this one takes sum(gy) and sum(gy·x̂) and then dx in one
+  elementwise pass. resnest50d's batch-8 train step: 2637 -> 2404 ms and 2841 -> 2593 ms in two
+  interleaved A/Bs (effvit alone, 2-core CPU).
+  """
+  return _batch_norm_train_fwd(x, scale, bias, eps)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias, eps):
+  axes = tuple(range(x.ndim - 1))
+  mean = x.mean(axes)
+  var = jnp.square(x - mean).mean(axes)   # two-pass: no cancellation on large means
+  inv = jax.lax.rsqrt(var + eps)
+  return ((x - mean) * (inv * scale) + bias, mean, var), (x, mean, inv, scale)
+
+
+def _batch_norm_train_bwd(eps, res, cts):
+  x, mean, inv, scale = res
+  gy, gmean, gvar = cts
+  axes, n = tuple(range(x.ndim - 1)), x.size // x.shape[-1]
+  xhat = (x - mean) * inv
+  dbias, dscale = gy.sum(axes), (gy * xhat).sum(axes)
+  # dx = inv·scale·(gy - mean(gy) - xhat·mean(gy·xhat)) + the statistics' own cotangents.
+  a = inv * scale
+  dx = (a * gy + (gvar * 2 / n / inv - a * dscale / n) * xhat
+        + (gmean / n - a * dbias / n))
+  return dx, dscale, dbias
+
+
+_batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
 class BatchNorm(nn.Module):
   """BatchNorm over the last axis with PyTorch's semantics (ResNeSt).
 
@@ -371,17 +409,14 @@ class BatchNorm(nn.Module):
     ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
     scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    if train:
-      axes = tuple(range(x.ndim - 1))
-      mean = x32.mean(axes)
-      var = jnp.square(x32 - mean).mean(axes)   # two-pass: no cancellation on large means
-      if not self.is_initializing():
-        n = x.size // c
-        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        ra_var.value = (self.momentum * ra_var.value
-                        + (1 - self.momentum) * var * (n / max(n - 1, 1)))
-    else:
-      mean, var = ra_mean.value, ra_var.value
-    mul = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
-    return ((x32 - mean) * mul + bias.astype(jnp.float32)).astype(self.dtype)
+    x32, scale32, bias32 = (a.astype(jnp.float32) for a in (x, scale, bias))
+    if not train:
+      mul = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale32
+      return ((x32 - ra_mean.value) * mul + bias32).astype(self.dtype)
+    y, mean, var = _batch_norm_train(x32, scale32, bias32, self.epsilon)
+    if not self.is_initializing():
+      n = x.size // c
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = (self.momentum * ra_var.value
+                      + (1 - self.momentum) * var * (n / max(n - 1, 1)))
+    return y.astype(self.dtype)

@@ -185,6 +185,26 @@ def test_pools_match_flax_pools_values_and_gradients(hw, window, stride, padding
                                rtol=1e-6, atol=1e-6)
 
 
+def test_batch_norm_gradient_matches_autodiff_of_the_formula():
+  """BatchNorm's hand-written training gradient, with cotangents on y and on the returned
+  statistics (mean, biased var), against jax.vjp of the two-pass formula."""
+  from effvit.layers import _batch_norm_train
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((4, 5, 6, 7)) * 3 + 2, jnp.float32)
+  scale, bias = (jnp.asarray(rng.standard_normal(7), jnp.float32) for _ in range(2))
+  cts = tuple(jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (x.shape, (7,), (7,)))
+
+  def formula(x, scale, bias):
+    mean = x.mean((0, 1, 2))
+    var = jnp.square(x - mean).mean((0, 1, 2))
+    return (x - mean) / jnp.sqrt(var + 1e-5) * scale + bias, mean, var
+
+  want, want_vjp = jax.vjp(formula, x, scale, bias)
+  got, got_vjp = jax.vjp(lambda *a: _batch_norm_train(*a, 1e-5), x, scale, bias)
+  for a, b in zip(got + got_vjp(cts), want + want_vjp(cts)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_max_pool_bfloat16_and_jit():
   x = jnp.asarray(np.random.default_rng(9).standard_normal((2, 10, 10, 3)), jnp.bfloat16)
   pool = jax.jit(max_pool, static_argnums=(1, 2, 3))
