@@ -260,8 +260,9 @@ def test_train_step_matches_torch(timm):
   sd = {k: (p.grad if p.grad is not None else torch.zeros_like(p))
         for k, p in tm.named_parameters()}
   want = from_torch_state_dict("resnest14d", {**tm.state_dict(), **sd})["params"]
-  # Each leaf against its own scale: round-off, amplified by BatchNorm over 24 pixels in the
-  # last stage, moves both frameworks' gradients by up to ~3.5% (the same with autodiff).
+  # Each leaf against its own scale: round-off, amplified by BatchNorm over 4 images of 2×3
+  # pixels in the last stage, moves both frameworks' gradients by up to ~3.5% (the same with
+  # autodiff).
   # Biases followed by a BatchNorm have a zero gradient, so their values are round-off only:
   # the atol, a millionth of the largest gradient.
   want = traverse_util.flatten_dict(want)
