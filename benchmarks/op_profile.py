@@ -33,6 +33,8 @@ def parse_args(argv=None):
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--res", type=int, default=224)
   p.add_argument("--mode", default="train", choices=("train", "inference"))
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="compute dtype (parameters stay float32)")
   p.add_argument("--top", type=int, default=25, help="rows of each table")
   return p.parse_args(argv)
 
@@ -87,7 +89,7 @@ def main(argv=None):
   from effvit.profile import tune_cpu_allocator
   tune_cpu_allocator()
   from effvit.benchmark_utils import EffvitRunner
-  runner = EffvitRunner.from_name(args.model, {}, args.batch, args.res)
+  runner = EffvitRunner.from_name(args.model, {}, args.batch, args.res, args.dtype)
   call = runner.train if args.mode == "train" else runner.infer
   scopes = op_names(runner.compiled[args.mode].as_text())
   for _ in range(3):
@@ -97,7 +99,7 @@ def main(argv=None):
   wall = time.perf_counter() - t
   ops = traced_op_ms(call, tempfile.mkdtemp(prefix="effvit-op-profile-"))
   total = sum(ops.values())
-  print(f"{args.model} {args.mode} batch {args.batch} at {args.res}px: {1e3 * wall:.0f} ms "
+  print(f"{args.model} {args.mode} {args.dtype} batch {args.batch} at {args.res}px: {1e3 * wall:.0f} ms "
         f"per step untraced; {len(ops)} XLA ops, {total:.0f} ms summed")
   groups = collections.Counter()
   for op, ms in ops.items():

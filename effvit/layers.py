@@ -41,6 +41,51 @@ def gelu(x: jax.Array) -> jax.Array:
   return x * 0.5 * (1.0 + jax.lax.erf(x * math.sqrt(0.5)))
 
 
+def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+  """x @ w + b for 2-D x, in x's dtype (w and b are cast to it). bfloat16 on XLA:CPU goes
+  through `_bf16_linear`."""
+  if x.ndim == 2 and x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+    return _bf16_linear(x, w, b)
+  y = x @ w.astype(x.dtype)
+  return y if b is None else y + b.astype(x.dtype)
+
+
+def _dot_f32(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+  return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _bf16_linear(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
+  """bfloat16 x @ w + b with the dot accumulated and returned in float32, the bias added in
+  float32, then one rounding to bfloat16; the gradient's dots likewise, and dw, db in w's and
+  b's own dtype (float32 parameters get float32 gradients, never rounded to bfloat16).
+
+  XLA:CPU widens a dot with a bfloat16 result to float32 operands and runs it at float32
+  speed; with a float32 result it keeps the operands in bfloat16 and YNNPACK uses the CPU's
+  bfloat16 dot instructions (AVX512-BF16 here): (6272, 1024) @ (1024, 128) at 335 instead of
+  155 GFLOP/s. Autodiff of that dot would hand its transposes a float32 cotangent, and it
+  reduced the bias gradient through a float32 copy, so the gradient is written out.
+  """
+  y = _dot_f32(x, w.astype(jnp.bfloat16), (1, 0))
+  return (y if b is None else y + b.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def _bf16_linear_fwd(x, w, b):
+  return _bf16_linear(x, w, b), (x, w, b)
+
+
+def _bf16_linear_bwd(res, g):
+  x, w, b = res
+  dx = _dot_f32(g, w.astype(jnp.bfloat16), (1, 1)).astype(x.dtype)
+  dw = _dot_f32(x, g, (0, 0)).astype(w.dtype)
+  db = None if b is None else jnp.sum(g, axis=0, dtype=jnp.float32).astype(b.dtype)
+  return dx, dw, db
+
+
+_bf16_linear.defvjp(_bf16_linear_fwd, _bf16_linear_bwd)
+
+
 def layer_norm(eps: float, name: str | None = None) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
 
@@ -86,7 +131,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   because autodiff of the shifted adds, and XLA's grouped-conv gradients, are both slow:
     dx = Σ_ij shift(g, ph - i, pw - j) · k[i, j]   (the same sum, taps mirrored),
     dk[i, j] = Σ_{b,y,x} x[y, x] · g[y + ph - i, x + pw - j]   (kh·kw reductions).
-  On XLA:CPU (float32, 3×3, one device) both come from one C++ pass, effvit.cpu_kernels.
+  On XLA:CPU (3×3, one device) both come from one C++ pass, effvit.cpu_kernels.
   effvit.profile counts it as kh·kw MACs per output element, like the conv it replaces.
   """
   return _tap_sum(x, kernel).astype(x.dtype)
@@ -126,7 +171,7 @@ def _conv_bias_gelu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Arr
 def depthwise_conv_gelu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   """gelu(depthwise_conv(x, kernel) + bias), the ConvFFN's conv, bias and activation.
 
-  On XLA:CPU (float32, 3×3, one device) both directions are C++ (effvit.cpu_kernels). Without
+  On XLA:CPU (3×3, one device) both directions are C++ (effvit.cpu_kernels). Without
   a gradient (inference) the forward is one pass where XLA pads in a pass of its own first:
   pvt_v2_b0's batch-32 forward 219 → 205 ms. Under a gradient the forward stays XLA's (its
   conv is shared with nothing else) and the backward recomputes h = conv + bias in cache and
@@ -198,15 +243,14 @@ class PatchConv(nn.Module):
     k = self.patch
     kernel = self.param("kernel", self.kernel_init, (k, k, c, self.features), self.param_dtype)
     x = x[:, :h // k * k, :w // k * k].astype(self.dtype)
+    bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            if self.use_bias else None)
     if k == 1:   # a 2-D matmul, for the kernel gradient's sake (see Dense)
-      y = (x.reshape(-1, c) @ kernel.astype(self.dtype).reshape(c, -1)).reshape(b, h, w, -1)
-    else:        # patches are strided views: a copy to 2-D costs what it saves
-      x = x.reshape(b, h // k, k, w // k, k, c)
-      y = jnp.einsum("bhiwjc,ijcf->bhwf", x, kernel.astype(self.dtype))
-    if not self.use_bias:
-      return y
-    return y + self.param("bias", nn.initializers.zeros, (self.features,),
-                          self.param_dtype).astype(self.dtype)
+      return linear(x.reshape(-1, c), kernel.reshape(c, -1), bias).reshape(b, h, w, -1)
+    # patches are strided views: a copy to 2-D costs what it saves
+    x = x.reshape(b, h // k, k, w // k, k, c)
+    y = jnp.einsum("bhiwjc,ijcf->bhwf", x, kernel.astype(self.dtype))
+    return y if bias is None else y + bias.astype(self.dtype)
 
 
 class GroupedConv(nn.Module):
@@ -259,11 +303,15 @@ class Dense(nn.Dense):
   kernel_init: Any = dense_init
   bias_init: Any = nn.initializers.zeros
 
+  @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    if inputs.ndim <= 2:
-      return super().__call__(inputs)
-    y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
-    return y.reshape(*inputs.shape[:-1], y.shape[-1])
+    kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    dtype = self.dtype or jnp.result_type(inputs, self.param_dtype)
+    y = linear(inputs.reshape(-1, inputs.shape[-1]).astype(dtype), kernel, bias)
+    return y.reshape(*inputs.shape[:-1], self.features)
 
 
 class DropPath(nn.Module):

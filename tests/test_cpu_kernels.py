@@ -74,7 +74,7 @@ def test_fused_gradient_matches_xla_gradient_of_grouped_conv_bias_and_gelu(shape
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4 * float(jnp.abs(b).max()))
 
 
-def test_kernel_applies_only_to_float32_3x3_on_one_device(monkeypatch):
+def test_kernel_applies_only_to_float32_or_bfloat16_3x3_on_one_device(monkeypatch):
   x = jnp.zeros((1, 4, 4, 2))
   assert jax.device_count() == 8   # conftest
   assert cpu_kernels.depthwise_conv3x3_grads(x, jnp.zeros((3, 3, 2)), x) is None
@@ -83,8 +83,29 @@ def test_kernel_applies_only_to_float32_3x3_on_one_device(monkeypatch):
                                                        x) is None
   monkeypatch.setattr(cpu_kernels, "_single_device", lambda: True)
   assert cpu_kernels.depthwise_conv3x3_grads(x, jnp.zeros((5, 5, 2)), x) is None
-  half = x.astype(jnp.bfloat16)
+  half = x.astype(jnp.float16)
   assert cpu_kernels.depthwise_conv3x3_grads(half, jnp.zeros((3, 3, 2)), half) is None
+  assert cpu_kernels.applies(x.astype(jnp.bfloat16), jnp.zeros((3, 3, 2)), jnp.zeros(2))
+
+
+@needs_compiler
+def test_bfloat16_arrays_run_the_float32_kernels_on_widened_copies(single_device):
+  # Under dtype=bfloat16 the activations and their gradients are bfloat16 and the parameters
+  # float32: every output is the float32 kernel's, in its argument's dtype.
+  rng = np.random.default_rng(9)
+  x, g = (jnp.asarray(rng.standard_normal((2, 6, 5, 20)), jnp.bfloat16) for _ in range(2))
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 20)), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(20), jnp.float32)
+  wide = lambda *a: tuple(t.astype(jnp.float32) for t in a)
+  for fn, args, like in [
+      (cpu_kernels.depthwise_conv3x3_grads, (x, kernel, g), (x, kernel)),
+      (cpu_kernels.depthwise_conv3x3_bias_gelu, (x, kernel, bias), (x,)),
+      (cpu_kernels.depthwise_conv3x3_bias_gelu_grads, (x, kernel, bias, g), (x, kernel, bias))]:
+    ours, ref = jax.jit(fn)(*args), jax.jit(fn)(*wide(*args))
+    ours, ref = (t if isinstance(t, tuple) else (t,) for t in (ours, ref))
+    assert [o.dtype for o in ours] == [a.dtype for a in like], fn.__name__
+    for o, r in zip(ours, ref):
+      np.testing.assert_array_equal(np.asarray(o), np.asarray(r.astype(o.dtype)))
 
 
 @needs_compiler

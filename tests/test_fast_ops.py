@@ -7,7 +7,7 @@ import flax.linen as nn
 
 from effvit.attention.core import keys_major_attention
 from effvit.layers import (Dense, DepthwiseConv, GroupedConv, PatchConv, depthwise_conv,
-                           depthwise_conv_gelu)
+                           depthwise_conv_gelu, linear)
 from effvit.pooling import avg_pool, max_pool
 from effvit.xla_cpu import compiler_options
 from pyramid_helpers import abstract_variables, compile_fast, grouped_conv, random_variables
@@ -149,6 +149,37 @@ def test_patch_conv_is_a_drop_in_for_strided_nn_conv(patch, hw):
 def test_dense_is_a_drop_in_for_nn_dense(shape):
   x = jnp.asarray(np.random.default_rng(7).standard_normal(shape), jnp.float32)
   assert_drop_in(Dense(6), nn.Dense(6), x)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bfloat16_linear_accumulates_in_float32_and_keeps_float32_gradients(with_bias):
+  # bfloat16 activations, float32 parameters, as under dtype=bfloat16. Reference: float64
+  # products of the bfloat16-rounded operands.
+  rng = np.random.default_rng(11)
+  x = jnp.asarray(rng.standard_normal((96, 40)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((40, 24)) * 0.2, jnp.float32)
+  b = jnp.asarray(rng.standard_normal(24), jnp.float32) if with_bias else None
+  g = jnp.asarray(rng.standard_normal((96, 24)), jnp.bfloat16)
+  y, vjp = jax.vjp(linear, x, w, b)
+  dx, dw, db = vjp(g)
+  assert (y.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+  f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  xr, wr, gr = f64(x), f64(w.astype(jnp.bfloat16)), f64(g)
+  yr = xr @ wr + (f64(b) if with_bias else 0)
+  # One rounding to bfloat16 (relative 2^-9) of a float32-accumulated result.
+  np.testing.assert_allclose(f64(y), yr, rtol=2 ** -8, atol=1e-6 * np.abs(yr).max())
+  np.testing.assert_allclose(f64(dx), gr @ wr.T, rtol=2 ** -8, atol=1e-3)
+  # The parameter gradients stay float32-accurate: never rounded to bfloat16 (error ~4e-3).
+  np.testing.assert_allclose(f64(dw), xr.T @ gr, rtol=1e-5, atol=1e-5)
+  if with_bias:
+    np.testing.assert_allclose(f64(db), gr.sum(0), rtol=1e-5, atol=1e-5)
+  else:
+    assert db is None
+  # What makes it fast on XLA:CPU: every dot, forward and backward, takes bfloat16 operands
+  # and returns float32.
+  text = jax.jit(lambda x, w, b: jax.vjp(linear, x, w, b)[1](g)).lower(x, w, b).as_text()
+  dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+  assert len(dots) == 2 and all("bf16>, tensor<" in d and d.endswith("xf32>") for d in dots), dots
 
 
 @pytest.mark.parametrize("module", [Dense(16), PatchConv(16, 1)])

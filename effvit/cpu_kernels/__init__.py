@@ -112,33 +112,42 @@ def _single_device() -> bool:
 
 
 def applies(x: jax.Array, kernel: jax.Array, *others: jax.Array) -> bool:
-  """Whether the kernels run for these arrays (float32, 3×3, CPU backend, one device,
-  enabled and built)."""
+  """Whether the kernels run for these arrays (float32 or bfloat16, 3×3, CPU backend, one
+  device, enabled and built)."""
   return (kernel.shape[:2] == (3, 3) and x.ndim == 4
-          and all(a.dtype == jnp.float32 for a in (x, kernel, *others))
+          and all(a.dtype in (jnp.float32, jnp.bfloat16) for a in (x, kernel, *others))
           and jax.default_backend() == "cpu" and _single_device() and enabled() and _registered())
+
+
+def _call(target: str, like: tuple[jax.Array, ...], *args: jax.Array):
+  """The float32 FFI target on float32 copies of args; its outputs, shaped and typed as `like`.
+
+  bfloat16 arrays are widened on the way in and rounded on the way out: the kernels compute
+  in float32 either way, and XLA:CPU's bfloat16 path for the same conv (element-wise widening
+  around every tap and reduction) made pvt_v2_b0's bfloat16 training step slower than its
+  float32 one.
+  """
+  out = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in like)
+  ys = jax.ffi.ffi_call(target, out, vmap_method="sequential")(
+      *(a.astype(jnp.float32) for a in args))
+  return tuple(y.astype(a.dtype) for y, a in zip(ys, like))
 
 
 def depthwise_conv3x3_grads(x: jax.Array, kernel: jax.Array, g: jax.Array):
   """(dx, dk) of a "same" 3×3 depthwise conv of NHWC `x` with a (3, 3, C) kernel given the
-  output gradient g, or None where the kernel does not apply (not float32, not 3×3, not the
-  CPU backend, several devices, disabled or unavailable)."""
+  output gradient g, or None where the kernel does not apply (not float32/bfloat16, not 3×3,
+  not the CPU backend, several devices, disabled or unavailable)."""
   if not applies(x, kernel, g):
     return None
-  out = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
-         jax.ShapeDtypeStruct(kernel.shape, jnp.float32))
-  return jax.ffi.ffi_call("effvit_depthwise_conv3x3_bwd_f32", out,
-                          vmap_method="sequential")(x, kernel, g)
+  return _call("effvit_depthwise_conv3x3_bwd_f32", (x, kernel), x, kernel, g)
 
 
 def depthwise_conv3x3_bias_gelu(x: jax.Array, kernel: jax.Array, bias: jax.Array):
-  """gelu(depthwise_conv(x, kernel) + bias) (exact GELU), or None where the kernel does not
-  apply (as for depthwise_conv3x3_grads)."""
+  """gelu(depthwise_conv(x, kernel) + bias) (exact GELU) in x's dtype, or None where the kernel
+  does not apply (as for depthwise_conv3x3_grads)."""
   if not applies(x, kernel, bias):
     return None
-  out = jax.ShapeDtypeStruct(x.shape, jnp.float32)
-  return jax.ffi.ffi_call("effvit_depthwise_conv3x3_bias_gelu_f32", out,
-                          vmap_method="sequential")(x, kernel, bias)
+  return _call("effvit_depthwise_conv3x3_bias_gelu_f32", (x,), x, kernel, bias)[0]
 
 
 def depthwise_conv3x3_bias_gelu_grads(x: jax.Array, kernel: jax.Array, bias: jax.Array,
@@ -147,6 +156,5 @@ def depthwise_conv3x3_bias_gelu_grads(x: jax.Array, kernel: jax.Array, bias: jax
   the kernel does not apply."""
   if not applies(x, kernel, bias, g):
     return None
-  out = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, kernel, bias))
-  return jax.ffi.ffi_call("effvit_depthwise_conv3x3_bias_gelu_bwd_f32", out,
-                          vmap_method="sequential")(x, kernel, bias, g)
+  return _call("effvit_depthwise_conv3x3_bias_gelu_bwd_f32", (x, kernel, bias), x, kernel,
+               bias, g)
