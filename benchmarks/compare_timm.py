@@ -18,8 +18,10 @@ Same threads: both frameworks get the CPUs in this process's affinity mask (`--t
 restricts the mask to N cores, before JAX or torch start). XLA:CPU sizes its thread pool from
 that mask; torch gets `torch.set_num_threads(N)`. The printout states both.
 
-Peak: the GFLOP/s of a 4096² float32 matmul under JAX, measured in the same run (before,
-between and after the models; the best median is the machine's practical peak). Each effvit
+Peak: the GFLOP/s of a 4096² matmul under JAX in the run's dtype (bfloat16: bfloat16 operands,
+float32 accumulation and result, the fast form on CPUs with bfloat16 dot instructions), measured
+in the same run (before, between and after the models; the best median is the machine's
+practical peak). Each effvit
 forward's achieved GFLOP/s is 2 · GMACs (effvit.profile.model_cost: the papers' count, matmuls
 and convs only) · images/s, shown as a fraction of that peak. timm's forward is given the
 same count (its model's GMACs), and `ceiling` = peak / timm's GFLOP/s is the inference ratio
@@ -83,9 +85,9 @@ def parse_args(argv=None):
 
 # --- measurement ----------------------------------------------------------------------------
 
-def matmul_gflops(jax, jnp, n: int = 4096, reps: int = 5) -> float:
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
+def matmul_gflops(jax, jnp, dtype: str = "float32", n: int = 4096, reps: int = 5) -> float:
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+  f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
   f(a).block_until_ready()
   t = statistics.median(timed(lambda: f(a).block_until_ready(), 1) for _ in range(reps))
   return 2 * n**3 / t / 1e9
@@ -219,8 +221,8 @@ def main(argv=None):
         f"{torch.__version__} with {torch.get_num_threads()} threads; timm {timm.__version__}; "
         f"dtype {args.dtype}; malloc {args.malloc}; {args.res}px", flush=True)
 
-  peaks = [matmul_gflops(jax, jnp)]
-  print(f"float32 4096² matmul: {peaks[0]:.0f} GFLOP/s", flush=True)
+  peaks = [matmul_gflops(jax, jnp, args.dtype)]
+  print(f"{args.dtype} 4096² matmul: {peaks[0]:.0f} GFLOP/s", flush=True)
   compile_s = None
   batches = [int(b) for b in args.batch.split(",")]
   if not args.no_compile_time:
@@ -232,7 +234,7 @@ def main(argv=None):
   for batch in batches:
     for name in args.models.split(","):
       run_one(name, batch, args, max(peaks), rows)
-    peaks.append(matmul_gflops(jax, jnp))
+    peaks.append(matmul_gflops(jax, jnp, args.dtype))
   peak = max(peaks)
   # Fractions against the best peak seen in the run.
   for r in rows:
@@ -244,7 +246,7 @@ def main(argv=None):
   print(f"Threads: XLA {threads} (affinity mask), torch {torch.get_num_threads()}; malloc "
         f"{args.malloc}; dtype {args.dtype}; {args.res}x{args.res}; medians of {args.reps} "
         f"interleaved repetitions of {args.steps} calls after {args.warmup} warm-up rounds")
-  print(f"Matmul peak (float32 4096², JAX): {peak:.0f} GFLOP/s "
+  print(f"Matmul peak ({args.dtype} 4096², JAX): {peak:.0f} GFLOP/s "
         f"(measurements: {', '.join(f'{p:.0f}' for p in peaks)})")
   if compile_s is not None:
     print(f"jit compile of the pvt_v2_b2 train step (batch {batches[0]}): {compile_s:.1f} s")
