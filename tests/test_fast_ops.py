@@ -145,6 +145,26 @@ def test_patch_conv_is_a_drop_in_for_strided_nn_conv(patch, hw):
                  x)
 
 
+def test_pointwise_patch_conv_in_bfloat16_is_the_rounded_float32_conv():
+  # A 1×1 PatchConv (ResNeSt's 1×1 convs) under bfloat16 compute is `linear`; parameters f32.
+  patch = 1
+  x = jnp.asarray(np.random.default_rng(12).standard_normal((2, 8, 12, 16)), jnp.bfloat16)
+  ours = PatchConv(8, patch, dtype=jnp.bfloat16)
+  variables = jax.tree.map(lambda v: v + 0.1, ours.init(jax.random.key(0), x))
+  ref = nn.Conv(8, (patch, patch), strides=patch, padding="VALID")
+  wide = jax.tree.map(lambda v: v.astype(jnp.bfloat16).astype(jnp.float32), variables)
+  y, y_ref = ours.apply(variables, x), ref.apply(wide, x.astype(jnp.float32))
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y, np.float32), y_ref, rtol=2 ** -8,
+                             atol=2 ** -8 * float(jnp.abs(y_ref).max()))
+  # A linear loss whose weights are bfloat16 numbers: the parameter gradients are then exact
+  # float32 sums in both, so they must agree to float32 round-off.
+  r = jnp.asarray(np.random.default_rng(13).standard_normal(y.shape), jnp.bfloat16)
+  g = jax.grad(lambda v: jnp.sum(ours.apply(v, x).astype(jnp.float32) * r))(variables)
+  g_ref = jax.grad(lambda v: jnp.sum(ref.apply(v, x.astype(jnp.float32)) * r))(wide)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4), g, g_ref)
+
+
 @pytest.mark.parametrize("shape", [(3, 7, 5), (2, 4, 6, 5), (5,)])
 def test_dense_is_a_drop_in_for_nn_dense(shape):
   x = jnp.asarray(np.random.default_rng(7).standard_normal(shape), jnp.float32)
