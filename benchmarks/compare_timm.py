@@ -21,11 +21,11 @@ that mask; torch gets `torch.set_num_threads(N)`. The printout states both.
 Peak: the GFLOP/s of a 4096² matmul under JAX in the run's dtype (bfloat16: bfloat16 operands,
 float32 accumulation and result, the fast form on CPUs with bfloat16 dot instructions), measured
 in the same run (before, between and after the models; the best median is the machine's
-practical peak). Each effvit
-forward's achieved GFLOP/s is 2 · GMACs (effvit.profile.model_cost: the papers' count, matmuls
-and convs only) · images/s, shown as a fraction of that peak. timm's forward is given the
-same count (its model's GMACs), and `ceiling` = peak / timm's GFLOP/s is the inference ratio
-effvit would reach at 100% of the peak: a target above it cannot be met on this machine.
+practical peak). Each effvit forward's achieved GFLOP/s is 2 · GMACs (effvit.profile.model_cost:
+the papers' count, matmuls and convs only) · images/s, shown as a fraction of that peak. timm's
+forward is given the same count (its model's GMACs), and `ceiling` = peak / timm's GFLOP/s is
+the inference ratio effvit would reach at 100% of the peak: a target above it cannot be met on
+this machine.
 
 Allocator: on some VMs every fresh large buffer costs page faults that dominate elementwise
 work, for both frameworks. `--malloc tuned` makes glibc keep freed memory for the whole

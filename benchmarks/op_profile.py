@@ -99,8 +99,8 @@ def main(argv=None):
   wall = time.perf_counter() - t
   ops = traced_op_ms(call, tempfile.mkdtemp(prefix="effvit-op-profile-"))
   total = sum(ops.values())
-  print(f"{args.model} {args.mode} {args.dtype} batch {args.batch} at {args.res}px: {1e3 * wall:.0f} ms "
-        f"per step untraced; {len(ops)} XLA ops, {total:.0f} ms summed")
+  print(f"{args.model} {args.mode} {args.dtype} batch {args.batch} at {args.res}px: "
+        f"{1e3 * wall:.0f} ms per step untraced; {len(ops)} XLA ops, {total:.0f} ms summed")
   groups = collections.Counter()
   for op, ms in ops.items():
     groups[group_key(op, scopes.get(op, ""))] += ms
