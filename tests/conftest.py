@@ -45,3 +45,11 @@ def restore_logging():
   yield
   root.handlers[:] = handlers
   root.setLevel(level)
+
+
+@pytest.fixture
+def single_device(monkeypatch):
+  """The suite simulates 8 devices, where effvit's C++ kernels are off (an FFI call has no
+  sharding rule); tests that use unsharded arrays, as a single-device run does, turn them on."""
+  from effvit import cpu_kernels
+  monkeypatch.setattr(cpu_kernels, "_single_device", lambda: True)

@@ -1,5 +1,5 @@
 """The C++ depthwise-conv kernels (effvit.cpu_kernels) against XLA's grouped conv and GELU, and
-their fallback when they cannot be built."""
+their fallback when they cannot be built (the LayerNorm kernel: test_layer_norm.py)."""
 import warnings
 
 import jax
@@ -13,13 +13,6 @@ from effvit.models import create_model
 from pyramid_helpers import FAST_COMPILE, grouped_conv, random_variables
 
 needs_compiler = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no C++ compiler")
-
-
-@pytest.fixture
-def single_device(monkeypatch):
-  """The suite simulates 8 devices, where the kernel is off (it has no sharding rule); these
-  tests use unsharded arrays, as a single-device run does."""
-  monkeypatch.setattr(cpu_kernels, "_single_device", lambda: True)
 
 
 def grouped_conv_grads(x, kernel, g):
@@ -118,16 +111,17 @@ def test_pvt_v2_logits_and_gradients_use_the_kernels_and_match_xla(monkeypatch, 
   def logits_and_grads(kernels_on):
     monkeypatch.setenv("EFFVIT_CPU_KERNELS", "1" if kernels_on else "0")
     results, used = [], []
-    for fn, target in ((lambda p: model.apply({**variables, "params": p}, x),
-                        "effvit_depthwise_conv3x3_bias_gelu_f32"),
-                       (jax.grad(loss), "effvit_depthwise_conv3x3_bias_gelu_bwd_f32")):
+    for fn, targets in ((lambda p: model.apply({**variables, "params": p}, x),
+                         ("effvit_depthwise_conv3x3_bias_gelu_f32", "effvit_layer_norm_f32")),
+                        (jax.grad(loss), ("effvit_depthwise_conv3x3_bias_gelu_bwd_f32",
+                                          "effvit_layer_norm_bwd_f32"))):
       lowered = jax.jit(fn).lower(variables["params"])   # traced again each time
-      used.append(target in lowered.as_text())
+      used.append([t in lowered.as_text() for t in targets])
       results.append(lowered.compile(compiler_options=FAST_COMPILE)(variables["params"]))
     return results, used
 
   (fast, used), (slow, unused) = logits_and_grads(True), logits_and_grads(False)
-  assert used == [True, True] and unused == [False, False]
+  assert used == [[True, True]] * 2 and unused == [[False, False]] * 2
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), fast, slow)
 
 

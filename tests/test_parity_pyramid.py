@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from effvit.convert import from_torch_state_dict, to_torch_state_dict
+from effvit.layers import LayerNorm
 from effvit.models import create_model
 from pyramid_helpers import errors, logits_and_features, nchw_to_nhwc, perturb_torch
 from pyramid_helpers import torch_1thread  # noqa: F401  (fixture)
@@ -70,13 +71,13 @@ def test_logits_and_stage_maps_match_timm(torch_1thread, name, size):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_layer_norm_eps_matches_timm(torch_1thread, name):
   # eps only shows in outputs when a norm's input variance is tiny, so check it directly:
-  # record every Flax LayerNorm's epsilon and name it with the exporter's timm key.
+  # record every LayerNorm's epsilon and name it with the exporter's timm key.
   torch = torch_1thread
   tm, _, model, _ = reference(name)
   eps = {}
 
   def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, nn.LayerNorm) and context.method_name == "__call__":
+    if isinstance(context.module, LayerNorm) and context.method_name == "__call__":
       eps[("params", *context.module.path, "scale")] = np.float64(context.module.epsilon)
     return next_fun(*args, **kwargs)
 

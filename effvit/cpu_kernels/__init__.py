@@ -1,6 +1,6 @@
 """C++ kernels for XLA:CPU, compiled on first use and called through the XLA FFI.
 
-All are the 3×3 depthwise conv of PVTv2's ConvFFN (and LaViT's), in depthwise_conv3x3.cc:
+depthwise_conv3x3.cc: the 3×3 depthwise conv of PVTv2's ConvFFN (and LaViT's):
 - its gradient, whose weight part XLA:CPU runs as nine full passes over the activation and its
   gradient, in one pass (used by DepthwiseConv without GELU, Twins' PEG; when the ConvFFN used
   it, pvt_v2_b0's training step at batch 32 went 976 → 835 ms on the project's 2-core machine;
@@ -10,6 +10,9 @@ All are the 3×3 depthwise conv of PVTv2's ConvFFN (and LaViT's), in depthwise_c
 - that fused op's gradient in one pass, recomputing the conv in cache where XLA recomputes it,
   writes gy·gelu'(h) and reduces it in passes of their own (pvt_v2_b0's training step at batch
   32: 1019 → 841 ms; pvt_v2_b2 at batch 8: 1078 → 970 ms).
+layer_norm.cc: LayerNorm over the last axis and its gradient, one pass over the rows each
+(effvit.layers.LayerNorm; fwd + bwd 2-3x faster than XLA's, pvt_v2_b2's training step at
+batch 8 1944 → 1792 ms). common.h: what they share.
 
 The source ships with the package and is built with the system C++ compiler ($CXX, else c++)
 into $EFFVIT_KERNEL_CACHE (default ~/.cache/effvit), keyed by source, jaxlib version, compiler
@@ -35,12 +38,17 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-_SOURCE = pathlib.Path(__file__).with_name("depthwise_conv3x3.cc")
+_DIR = pathlib.Path(__file__).parent
+_SOURCES = (_DIR / "depthwise_conv3x3.cc", _DIR / "layer_norm.cc")
+_HEADERS = (_DIR / "common.h",)
 # FFI target name -> symbol in the library
 _TARGETS = {"effvit_depthwise_conv3x3_bwd_f32": "EffvitDepthwiseConv3x3BwdF32",
             "effvit_depthwise_conv3x3_bias_gelu_f32": "EffvitDepthwiseConv3x3BiasGeluF32",
-            "effvit_depthwise_conv3x3_bias_gelu_bwd_f32": "EffvitDepthwiseConv3x3BiasGeluBwdF32"}
+            "effvit_depthwise_conv3x3_bias_gelu_bwd_f32": "EffvitDepthwiseConv3x3BiasGeluBwdF32",
+            "effvit_layer_norm_f32": "EffvitLayerNormF32",
+            "effvit_layer_norm_bwd_f32": "EffvitLayerNormBwdF32"}
 # -march=native: the build is per machine (the cache key includes the CPU's flags).
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -63,7 +71,7 @@ def _cpu_id() -> str:
 
 def library_path(compiler: str) -> pathlib.Path:
   key = hashlib.sha256()
-  for part in (_SOURCE.read_bytes(), jax.ffi.include_dir(), importlib.metadata.version("jaxlib"),
+  for part in (*(f.read_bytes() for f in (*_SOURCES, *_HEADERS)), jax.ffi.include_dir(), importlib.metadata.version("jaxlib"),
                compiler, " ".join(_FLAGS), _cpu_id()):
     key.update(part if isinstance(part, bytes) else part.encode())
   cache = pathlib.Path(os.environ.get("EFFVIT_KERNEL_CACHE",
@@ -79,7 +87,8 @@ def build(compiler: str, path: pathlib.Path) -> pathlib.Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
     out = pathlib.Path(tmp) / path.name
-    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(out)]
+    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{_DIR}", *map(str, _SOURCES),
+           "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
       last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -102,8 +111,9 @@ def _registered() -> bool:
                                   platform="cpu")
     return True
   except (OSError, AttributeError, subprocess.SubprocessError) as e:
-    warnings.warn(f"effvit: CPU kernels unavailable ({e}); depthwise convs use XLA's slower "
-                  "path (same results). Set EFFVIT_CPU_KERNELS=0 to silence this.", stacklevel=2)
+    warnings.warn(f"effvit: CPU kernels unavailable ({e}); depthwise convs and LayerNorms use "
+                  "XLA's slower path (same results). Set EFFVIT_CPU_KERNELS=0 to silence this.",
+                  stacklevel=2)
     return False
 
 
@@ -111,15 +121,19 @@ def _single_device() -> bool:
   return jax.device_count() == 1
 
 
-def applies(x: jax.Array, kernel: jax.Array, *others: jax.Array) -> bool:
-  """Whether the kernels run for these arrays (float32 or bfloat16, 3×3, CPU backend, one
-  device, enabled and built)."""
-  return (kernel.shape[:2] == (3, 3) and x.ndim == 4
-          and all(a.dtype in (jnp.float32, jnp.bfloat16) for a in (x, kernel, *others))
+def usable(*arrays: jax.Array) -> bool:
+  """Whether the kernels can run on these arrays (float32 or bfloat16, CPU backend, one device,
+  enabled and built)."""
+  return (all(a.dtype in (jnp.float32, jnp.bfloat16) for a in arrays)
           and jax.default_backend() == "cpu" and _single_device() and enabled() and _registered())
 
 
-def _call(target: str, like: tuple[jax.Array, ...], *args: jax.Array):
+def applies(x: jax.Array, kernel: jax.Array, *others: jax.Array) -> bool:
+  """Whether the depthwise kernels run for these arrays (NHWC x, a 3×3 kernel, and usable)."""
+  return kernel.shape[:2] == (3, 3) and x.ndim == 4 and usable(x, kernel, *others)
+
+
+def _call(target: str, like: tuple[jax.Array, ...], *args: jax.Array, **attrs):
   """The float32 FFI target on float32 copies of args; its outputs, shaped and typed as `like`.
 
   bfloat16 arrays are widened on the way in and rounded on the way out: the kernels compute
@@ -129,7 +143,7 @@ def _call(target: str, like: tuple[jax.Array, ...], *args: jax.Array):
   """
   out = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in like)
   ys = jax.ffi.ffi_call(target, out, vmap_method="sequential")(
-      *(a.astype(jnp.float32) for a in args))
+      *(a.astype(jnp.float32) for a in args), **attrs)
   return tuple(y.astype(a.dtype) for y, a in zip(ys, like))
 
 
@@ -158,3 +172,22 @@ def depthwise_conv3x3_bias_gelu_grads(x: jax.Array, kernel: jax.Array, bias: jax
     return None
   return _call("effvit_depthwise_conv3x3_bias_gelu_bwd_f32", (x, kernel, bias), x, kernel,
                bias, g)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float):
+  """(y, mean, rstd) of a LayerNorm over the last axis of 2-D `x` ((N, C); y float32, mean and
+  rstd (N,)), or None where the kernels are not usable."""
+  if x.ndim != 2 or not usable(x, scale, bias):
+    return None
+  stats = jax.ShapeDtypeStruct(x.shape[:1], jnp.float32)
+  return _call("effvit_layer_norm_f32", (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats,
+                                         stats), x, scale, bias, eps=np.float32(eps))
+
+
+def layer_norm_grads(x: jax.Array, scale: jax.Array, mean: jax.Array, rstd: jax.Array,
+                     g: jax.Array):
+  """(dx, dscale, dbias) of `layer_norm` given its output gradient g, in the dtypes of x,
+  scale and scale, or None where the kernels are not usable."""
+  if not usable(x, scale, g):
+    return None
+  return _call("effvit_layer_norm_bwd_f32", (x, scale, scale), x, scale, mean, rstd, g)

@@ -21,39 +21,22 @@
 // scheduling.
 #include <algorithm>
 #include <cmath>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <type_traits>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kChunks = 16;
-typedef float Vec16 __attribute__((vector_size(64), aligned(4)));
+using namespace effvit;
 
 struct Map {
   int64_t b, h, w, c;
 };
-
-template <typename V>
-inline V Load(const float* p) {
-  V v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-template <typename V>
-inline void Store(float* p, V v) {
-  std::memcpy(p, &v, sizeof v);
-}
 
 // dx of image row `y` and that row's terms of dk (added to acc, 9 x C; with kBias also db,
 // acc's row 9), for the lanes of V (16 channels, or 1 for the channel tail) from channel c0.
@@ -163,41 +146,6 @@ void GeluRowBlock(const Map& m, const float* __restrict xb, const float* __restr
   }
 }
 
-// f(lane, c0) over the channels: 16 at a time with lane a Vec16, then the tail one at a time
-// with lane a float; f picks its vector type as decltype(lane).
-template <typename F>
-void ForChannelBlocks(int64_t c, F f) {
-  int64_t c0 = 0;
-  for (; c0 + 16 <= c; c0 += 16) f(Vec16{}, c0);
-  for (; c0 < c; ++c0) f(0.f, c0);
-}
-
-// Chunks are claimed from a shared counter. The caller works too and then waits only for
-// claimed chunks, so tasks the pool starts late find nothing left and touch no buffers.
-struct Progress {
-  std::atomic<int64_t> next{0};
-  int64_t done = 0;
-  std::mutex mu;
-  std::condition_variable all_done;
-};
-
-// fn(i) for i in [0, n), on the calling thread and the pool's; returns when all are done.
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, F fn) {
-  auto progress = std::make_shared<Progress>();
-  auto work = [progress, n, fn]() {
-    for (int64_t i; (i = progress->next.fetch_add(1)) < n;) {
-      fn(i);
-      std::lock_guard<std::mutex> lock(progress->mu);
-      if (++progress->done == n) progress->all_done.notify_all();
-    }
-  };
-  const int64_t helpers = std::min(n, pool.num_threads()) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work(); });
-  work();
-  std::unique_lock<std::mutex> lock(progress->mu);
-  progress->all_done.wait(lock, [&] { return progress->done == n; });
-}
 
 bool IsMap(ffi::Span<const int64_t> d) { return d.size() == 4; }
 
@@ -207,12 +155,6 @@ bool IsKernel(ffi::Span<const int64_t> k, int64_t c) {
 
 bool IsBias(ffi::Span<const int64_t> b, int64_t c) { return b.size() == 1 && b[0] == c; }
 
-// Sums the chunks' partials (chunks x n) into out in chunk order.
-void SumPartials(const std::vector<float>& partial, int64_t chunks, int64_t n, float* out) {
-  std::fill(out, out + n, 0.f);
-  for (int64_t i = 0; i < chunks; ++i)
-    for (int64_t t = 0; t < n; ++t) out[t] += partial[i * n + t];
-}
 
 }  // namespace
 
