@@ -1,5 +1,5 @@
 """The C++ depthwise-conv kernels (effvit.cpu_kernels) against XLA's grouped conv and GELU, and
-their fallback when they cannot be built (the LayerNorm kernel: test_layer_norm.py)."""
+their fallback when they cannot be built (the norm kernels: test_norm_kernels.py)."""
 import warnings
 
 import jax

@@ -12,7 +12,10 @@ depthwise_conv3x3.cc: the 3×3 depthwise conv of PVTv2's ConvFFN (and LaViT's):
   32: 1019 → 841 ms; pvt_v2_b2 at batch 8: 1078 → 970 ms).
 layer_norm.cc: LayerNorm over the last axis and its gradient, one pass over the rows each
 (effvit.layers.LayerNorm; fwd + bwd 2-3x faster than XLA's, pvt_v2_b2's training step at
-batch 8 1944 → 1792 ms). common.h: what they share.
+batch 8 1944 → 1792 ms).
+batch_norm.cc: BatchNorm in training and its gradient, two passes each (effvit.layers.BatchNorm;
+ResNeSt).
+common.h: what they share.
 
 The source ships with the package and is built with the system C++ compiler ($CXX, else c++)
 into $EFFVIT_KERNEL_CACHE (default ~/.cache/effvit), keyed by source, jaxlib version, compiler
@@ -41,14 +44,16 @@ import jax.numpy as jnp
 import numpy as np
 
 _DIR = pathlib.Path(__file__).parent
-_SOURCES = (_DIR / "depthwise_conv3x3.cc", _DIR / "layer_norm.cc")
+_SOURCES = (_DIR / "depthwise_conv3x3.cc", _DIR / "layer_norm.cc", _DIR / "batch_norm.cc")
 _HEADERS = (_DIR / "common.h",)
 # FFI target name -> symbol in the library
 _TARGETS = {"effvit_depthwise_conv3x3_bwd_f32": "EffvitDepthwiseConv3x3BwdF32",
             "effvit_depthwise_conv3x3_bias_gelu_f32": "EffvitDepthwiseConv3x3BiasGeluF32",
             "effvit_depthwise_conv3x3_bias_gelu_bwd_f32": "EffvitDepthwiseConv3x3BiasGeluBwdF32",
             "effvit_layer_norm_f32": "EffvitLayerNormF32",
-            "effvit_layer_norm_bwd_f32": "EffvitLayerNormBwdF32"}
+            "effvit_layer_norm_bwd_f32": "EffvitLayerNormBwdF32",
+            "effvit_batch_norm_f32": "EffvitBatchNormF32",
+            "effvit_batch_norm_bwd_f32": "EffvitBatchNormBwdF32"}
 # -march=native: the build is per machine (the cache key includes the CPU's flags).
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -71,8 +76,9 @@ def _cpu_id() -> str:
 
 def library_path(compiler: str) -> pathlib.Path:
   key = hashlib.sha256()
-  for part in (*(f.read_bytes() for f in (*_SOURCES, *_HEADERS)), jax.ffi.include_dir(), importlib.metadata.version("jaxlib"),
-               compiler, " ".join(_FLAGS), _cpu_id()):
+  sources = tuple(f.read_bytes() for f in (*_SOURCES, *_HEADERS))
+  for part in (*sources, jax.ffi.include_dir(), importlib.metadata.version("jaxlib"), compiler,
+               " ".join(_FLAGS), _cpu_id()):
     key.update(part if isinstance(part, bytes) else part.encode())
   cache = pathlib.Path(os.environ.get("EFFVIT_KERNEL_CACHE",
                                       pathlib.Path.home() / ".cache" / "effvit"))
@@ -111,7 +117,7 @@ def _registered() -> bool:
                                   platform="cpu")
     return True
   except (OSError, AttributeError, subprocess.SubprocessError) as e:
-    warnings.warn(f"effvit: CPU kernels unavailable ({e}); depthwise convs and LayerNorms use "
+    warnings.warn(f"effvit: CPU kernels unavailable ({e}); depthwise convs and norm layers use "
                   "XLA's slower path (same results). Set EFFVIT_CPU_KERNELS=0 to silence this.",
                   stacklevel=2)
     return False
@@ -191,3 +197,23 @@ def layer_norm_grads(x: jax.Array, scale: jax.Array, mean: jax.Array, rstd: jax.
   if not usable(x, scale, g):
     return None
   return _call("effvit_layer_norm_bwd_f32", (x, scale, scale), x, scale, mean, rstd, g)
+
+
+def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float):
+  """(y, mean, var) of BatchNorm in training over the rows of 2-D `x` ((R, C), float32; var
+  biased), or None where the kernels are not usable."""
+  if x.ndim != 2 or not usable(x, scale, bias):
+    return None
+  stats = jax.ShapeDtypeStruct(x.shape[1:], jnp.float32)
+  return _call("effvit_batch_norm_f32", (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats,
+                                         stats), x, scale, bias, eps=np.float32(eps))
+
+
+def batch_norm_grads(x: jax.Array, scale: jax.Array, mean: jax.Array, var: jax.Array,
+                     gy: jax.Array, gmean: jax.Array, gvar: jax.Array, eps: float):
+  """(dx, dscale, dbias) of `batch_norm` given the cotangents of y, mean and var, or None where
+  the kernels are not usable."""
+  if not usable(x, scale, gy):
+    return None
+  return _call("effvit_batch_norm_bwd_f32", (x, scale, scale), x, scale, mean, var, gy, gmean,
+               gvar, eps=np.float32(eps))
