@@ -27,33 +27,22 @@ namespace {
 
 using namespace effvit;
 
-bool IsRows(ffi::Span<const int64_t> d) { return d.size() == 2; }
-
-bool IsVector(ffi::Span<const int64_t> d, int64_t n) { return d.size() == 1 && d[0] == n; }
-
-// out[t] = sum over rows of f(row, t) for t in [0, n) channels-wide sums (n = k * c), each
-// chunk into its own partial, the partials then added in chunk order. f(lane, row, c0, acc)
-// adds the row's terms to acc (k rows of c floats) for channels [c0, c0 + lanes).
+// out (k rows of c floats) = the sum over rows of what f(lane, row, c0, acc) adds to acc for
+// channels [c0, c0 + lanes) (SumOverRowChunks: in chunk order).
 template <typename F>
 void ColumnSums(ffi::ThreadPool& pool, int64_t rows, int64_t c, int64_t k, float* out, F f) {
-  const int64_t chunks = std::min(rows, kChunks);
-  std::vector<float> partial(chunks * k * c, 0.f);
-  float* pp = partial.data();
-  ParallelFor(pool, chunks, [=](int64_t i) {
-    float* acc = pp + i * k * c;
-    for (int64_t row = rows * i / chunks; row < rows * (i + 1) / chunks; ++row)
+  SumOverRowChunks(pool, rows, k * c, out, [=](int64_t begin, int64_t end, float* acc) {
+    for (int64_t row = begin; row < end; ++row)
       ForChannelBlocks(c, [&](auto lane, int64_t c0) { f(lane, row, c0, acc); });
   });
-  SumPartials(partial, chunks, k * c, out);
 }
 
 // out = coef[0] * a + coef[1] * (b - shift) * coef[2] + coef[3] row by row, coef (4, C)
 // per-channel; a may be null (then its term is left out).
 void Affine(ffi::ThreadPool& pool, int64_t rows, int64_t c, const float* a, const float* b,
             const float* shift, const float* coef, float* out) {
-  const int64_t chunks = std::min(rows, kChunks);
-  ParallelFor(pool, chunks, [=](int64_t i) {
-    for (int64_t row = rows * i / chunks; row < rows * (i + 1) / chunks; ++row) {
+  ForRowChunks(pool, rows, [=](int64_t, int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
       ForChannelBlocks(c, [&](auto lane, int64_t c0) {
         using V = decltype(lane);
         V v = (Load<V>(b + row * c + c0) - Load<V>(shift + c0)) * Load<V>(coef + c + c0) *

@@ -71,12 +71,33 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, F fn) {
   progress->all_done.wait(lock, [&] { return progress->done == n; });
 }
 
-// Sums the chunks' partials (chunks x n) into out in chunk order.
-inline void SumPartials(const std::vector<float>& partial, int64_t chunks, int64_t n, float* out) {
+// fn(chunk, begin, end) for rows [begin, end) of [0, rows) split into at most kChunks chunks,
+// the same split whatever the thread count.
+template <typename F>
+void ForRowChunks(ffi::ThreadPool& pool, int64_t rows, F fn) {
+  const int64_t chunks = std::min(rows, kChunks);
+  ParallelFor(pool, chunks, [=](int64_t i) { fn(i, rows * i / chunks, rows * (i + 1) / chunks); });
+}
+
+// out[0, n) = what fn(begin, end, partial) adds to its chunk's zeroed partial (n floats), over
+// ForRowChunks's chunks, the partials added in chunk order: independent of threads and timing.
+template <typename F>
+void SumOverRowChunks(ffi::ThreadPool& pool, int64_t rows, int64_t n, float* out, F fn) {
+  const int64_t chunks = std::min(rows, kChunks);
+  std::vector<float> partial(chunks * n, 0.f);
+  float* pp = partial.data();
+  ForRowChunks(pool, rows, [=](int64_t i, int64_t begin, int64_t end) {
+    fn(begin, end, pp + i * n);
+  });
   std::fill(out, out + n, 0.f);
   for (int64_t i = 0; i < chunks; ++i)
-    for (int64_t t = 0; t < n; ++t) out[t] += partial[i * n + t];
+    for (int64_t t = 0; t < n; ++t) out[t] += pp[i * n + t];
 }
+
+// Shape checks of FFI buffers: (rows, columns), and (n,).
+inline bool IsRows(ffi::Span<const int64_t> d) { return d.size() == 2; }
+
+inline bool IsVector(ffi::Span<const int64_t> d, int64_t n) { return d.size() == 1 && d[0] == n; }
 
 }  // namespace effvit
 

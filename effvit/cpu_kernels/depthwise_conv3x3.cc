@@ -153,8 +153,6 @@ bool IsKernel(ffi::Span<const int64_t> k, int64_t c) {
   return k.size() == 3 && k[0] == 3 && k[1] == 3 && k[2] == c;
 }
 
-bool IsBias(ffi::Span<const int64_t> b, int64_t c) { return b.size() == 1 && b[0] == c; }
-
 
 }  // namespace
 
@@ -162,7 +160,7 @@ static ffi::Error DepthwiseConv3x3BiasGelu(ffi::ThreadPool pool, ffi::Buffer<ffi
                                            ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> bias,
                                            ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions();
-  if (!IsMap(xd) || !IsKernel(k.dimensions(), xd[3]) || !IsBias(bias.dimensions(), xd[3]))
+  if (!IsMap(xd) || !IsKernel(k.dimensions(), xd[3]) || !IsVector(bias.dimensions(), xd[3]))
     return ffi::Error::InvalidArgument(
         "effvit depthwise_conv3x3 forward: expected x (B, H, W, C), kernel (3, 3, C), bias (C,)");
   const Map m{xd[0], xd[1], xd[2], xd[3]};
@@ -190,22 +188,20 @@ static ffi::Error DepthwiseConv3x3Bwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
         "effvit depthwise_conv3x3 gradient: expected x and g (B, H, W, C), kernel (3, 3, C)");
   const Map m{xd[0], xd[1], xd[2], xd[3]};
   const int64_t rows = m.b * m.h, taps = 9 * m.c, image = m.h * m.w * m.c, row_size = m.w * m.c;
-  const int64_t chunks = std::min(rows, kChunks);
-  std::vector<float> partial(chunks * taps, 0.f);
   const float *xp = x.typed_data(), *kp = k.typed_data(), *gp = g.typed_data();
-  float *dxp = dx->typed_data(), *pp = partial.data();
-  ParallelFor(pool, chunks, [=](int64_t i) {
-    for (int64_t row = rows * i / chunks; row < rows * (i + 1) / chunks; ++row) {
+  float* dxp = dx->typed_data();
+  SumOverRowChunks(pool, rows, taps, dk->typed_data(), [=](int64_t begin, int64_t end,
+                                                           float* acc) {
+    for (int64_t row = begin; row < end; ++row) {
       const int64_t y = row % m.h;
       const float* gr[3] = {y > 0 ? gp + (row - 1) * row_size : nullptr, gp + row * row_size,
                             y + 1 < m.h ? gp + (row + 1) * row_size : nullptr};
       ForChannelBlocks(m.c, [&](auto lane, int64_t c0) {
         RowBlock<decltype(lane), false>(m, xp + row / m.h * image, gr, kp,
-                                        dxp + row * row_size, pp + i * taps, y, c0);
+                                        dxp + row * row_size, acc, y, c0);
       });
     }
   });
-  SumPartials(partial, chunks, taps, dk->typed_data());
   return ffi::Error::Success();
 }
 
@@ -214,24 +210,23 @@ static ffi::Error DepthwiseConv3x3BiasGeluBwd(
     ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> gy, ffi::ResultBuffer<ffi::F32> dx,
     ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> db) {
   const auto xd = x.dimensions(), gd = gy.dimensions();
-  if (!IsMap(xd) || !IsKernel(k.dimensions(), xd[3]) || !IsBias(bias.dimensions(), xd[3]) ||
+  if (!IsMap(xd) || !IsKernel(k.dimensions(), xd[3]) || !IsVector(bias.dimensions(), xd[3]) ||
       !IsMap(gd) || !std::equal(xd.begin(), xd.end(), gd.begin()))
     return ffi::Error::InvalidArgument(
         "effvit depthwise_conv3x3 bias-GELU gradient: expected x and gy (B, H, W, C), kernel "
         "(3, 3, C), bias (C,)");
   const Map m{xd[0], xd[1], xd[2], xd[3]};
   const int64_t rows = m.b * m.h, sums = 10 * m.c, image = m.h * m.w * m.c, row_size = m.w * m.c;
-  const int64_t chunks = std::min(rows, kChunks);
-  std::vector<float> partial(chunks * sums, 0.f);
   const float *xp = x.typed_data(), *kp = k.typed_data(), *bp = bias.typed_data();
   const float* gyp = gy.typed_data();
-  float *dxp = dx->typed_data(), *pp = partial.data();
-  ParallelFor(pool, chunks, [=](int64_t i) {
+  float* dxp = dx->typed_data();
+  std::vector<float> total(sums);   // dk (9 x C), then db
+  SumOverRowChunks(pool, rows, sums, total.data(), [=](int64_t begin, int64_t end, float* acc) {
     // g's rows, computed once each (the rows next to a chunk twice): row r in slot r % 3.
     std::vector<float> ring(3 * row_size);
     auto slot = [&](int64_t r) { return ring.data() + r % 3 * row_size; };
     int64_t ready = -1;   // rows below this one are in the ring, as far back as row - 1
-    for (int64_t row = rows * i / chunks; row < rows * (i + 1) / chunks; ++row) {
+    for (int64_t row = begin; row < end; ++row) {
       const int64_t y = row % m.h;
       const int64_t first = y > 0 ? row - 1 : row, last = y + 1 < m.h ? row + 1 : row;
       for (int64_t r = std::max(first, ready); r <= last; ++r) {
@@ -245,12 +240,10 @@ static ffi::Error DepthwiseConv3x3BiasGeluBwd(
                             y + 1 < m.h ? slot(row + 1) : nullptr};
       ForChannelBlocks(m.c, [&](auto lane, int64_t c0) {
         RowBlock<decltype(lane), true>(m, xp + row / m.h * image, gr, kp,
-                                       dxp + row * row_size, pp + i * sums, y, c0);
+                                       dxp + row * row_size, acc, y, c0);
       });
     }
   });
-  std::vector<float> total(sums);
-  SumPartials(partial, chunks, sums, total.data());
   std::copy(total.begin(), total.begin() + 9 * m.c, dk->typed_data());
   std::copy(total.begin() + 9 * m.c, total.end(), db->typed_data());
   return ffi::Error::Success();

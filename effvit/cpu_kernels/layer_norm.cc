@@ -38,10 +38,6 @@ inline float ChannelSum(int64_t c, F f) {
   return sum;
 }
 
-bool IsRows(ffi::Span<const int64_t> d) { return d.size() == 2; }
-
-bool IsVector(ffi::Span<const int64_t> d, int64_t n) { return d.size() == 1 && d[0] == n; }
-
 }  // namespace
 
 static ffi::Error LayerNormFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -52,11 +48,11 @@ static ffi::Error LayerNormFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (!IsRows(xd) || !IsVector(scale.dimensions(), xd[1]) || !IsVector(bias.dimensions(), xd[1]))
     return ffi::Error::InvalidArgument(
         "effvit layer_norm forward: expected x (N, C), scale (C,), bias (C,)");
-  const int64_t n = xd[0], c = xd[1], chunks = std::min(n, kChunks);
+  const int64_t n = xd[0], c = xd[1];
   const float *xp = x.typed_data(), *sp = scale.typed_data(), *bp = bias.typed_data();
   float *yp = y->typed_data(), *mp = mean->typed_data(), *rp = rstd->typed_data();
-  ParallelFor(pool, chunks, [=](int64_t i) {
-    for (int64_t row = n * i / chunks; row < n * (i + 1) / chunks; ++row) {
+  ForRowChunks(pool, n, [=](int64_t, int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
       const float* xr = xp + row * c;
       float* yr = yp + row * c;
       const float mu = ChannelSum(c, [&](auto lane, int64_t c0) {
@@ -89,15 +85,14 @@ static ffi::Error LayerNormBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                                              gd.end()))
     return ffi::Error::InvalidArgument(
         "effvit layer_norm gradient: expected x and g (N, C), scale (C,), mean and rstd (N,)");
-  const int64_t n = xd[0], c = xd[1], chunks = std::min(n, kChunks);
-  std::vector<float> partial(chunks * 2 * c, 0.f);   // per chunk: dscale, then dbias
+  const int64_t n = xd[0], c = xd[1];
   const float *xp = x.typed_data(), *sp = scale.typed_data(), *mp = mean.typed_data();
   const float *rp = rstd.typed_data(), *gp = g.typed_data();
-  float *dxp = dx->typed_data(), *pp = partial.data();
-  ParallelFor(pool, chunks, [=](int64_t i) {
-    float* ds = pp + i * 2 * c;
+  float* dxp = dx->typed_data();
+  std::vector<float> total(2 * c);   // dscale, then dbias
+  SumOverRowChunks(pool, n, 2 * c, total.data(), [=](int64_t begin, int64_t end, float* ds) {
     float* db = ds + c;
-    for (int64_t row = n * i / chunks; row < n * (i + 1) / chunks; ++row) {
+    for (int64_t row = begin; row < end; ++row) {
       const float *xr = xp + row * c, *gr = gp + row * c;
       const float mu = mp[row], r = rp[row];
       const float c1 = ChannelSum(c, [&](auto lane, int64_t c0) {
@@ -117,8 +112,6 @@ static ffi::Error LayerNormBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       });
     }
   });
-  std::vector<float> total(2 * c);
-  SumPartials(partial, chunks, 2 * c, total.data());
   std::copy(total.begin(), total.begin() + c, dscale->typed_data());
   std::copy(total.begin() + c, total.end(), dbias->typed_data());
   return ffi::Error::Success();
