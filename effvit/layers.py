@@ -46,6 +46,8 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
   through `_bf16_linear`."""
   if x.ndim == 2 and x.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
     return _bf16_linear(x, w, b)
+  if x.ndim == 2 and x.dtype == w.dtype == jnp.float32 and cpu_kernels.usable(x, w):
+    return _linear_cpu(x, w, b)
   y = x @ w.astype(x.dtype)
   return y if b is None else y + b.astype(x.dtype)
 
@@ -84,6 +86,27 @@ def _bf16_linear_bwd(res, g):
 
 
 _bf16_linear.defvjp(_bf16_linear_fwd, _bf16_linear_bwd)
+
+
+@jax.custom_vjp
+def _linear_cpu(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
+  """float32 x @ w + b whose parameter gradient is the `dense_grads` kernel: XLA:CPU's own
+  (x^T g, contracting the P rows) ran 1.3-3.9x slower, on one thread where C x F is small."""
+  y = x @ w
+  return y if b is None else y + b
+
+
+def _linear_cpu_fwd(x, w, b):
+  return _linear_cpu(x, w, b), (x, w, b is None)
+
+
+def _linear_cpu_bwd(res, g):
+  x, w, no_bias = res
+  dw, db = cpu_kernels.dense_grads(x, g)
+  return _dot_f32(g, w, (1, 1)), dw, None if no_bias else db
+
+
+_linear_cpu.defvjp(_linear_cpu_fwd, _linear_cpu_bwd)
 
 
 def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:

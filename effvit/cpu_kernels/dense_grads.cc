@@ -1,0 +1,147 @@
+// The parameter gradient of a dense layer y = x W + b over P rows (tokens of every image):
+//
+//   dW[c, f] = sum_p x[p, c] g[p, f],   db[f] = sum_p g[p, f],   g = dL/dy
+//
+// a matmul that contracts the long row axis of both operands (P = batch x tokens, up to
+// 100k) down to a small C x F. XLA:CPU hands it to Eigen, which splits the work over the
+// output's blocks only: with C x F as small as 32 x 32 one thread runs it, and at
+// (P, C, F) = (25088, 256, 32) it took 7.9 ms where PyTorch's took 3.1.
+//
+// Work: the rows are cut into chunks (more where C is small) and C into blocks of 48; each
+// (chunk, block) task accumulates its rows into its own partial dW in registers, 6 x 64 at a
+// time, over row blocks that stay in L2. The partials are then added in chunk order, so the
+// result depends on the shapes only, not on the thread count or timing.
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using namespace effvit;
+
+constexpr int64_t kRowsPerTile = 6;    // the tiles' heights divide multiples of 6 (6, 12, 24)
+constexpr int64_t kBlockC = 48;        // channels per task
+constexpr int64_t kBlockBytes = 1 << 19;   // x and g rows read per pass: half of L2
+
+// out[i, 16 j + l] += sum_p x[p, i] g[p, 16 j + l] for i < MR, j < NV, rows p < rows.
+template <int MR, int NV>
+__attribute__((optimize("fp-contract=fast")))
+void Tile(const float* x, int64_t ldx, const float* g, int64_t ldg, int64_t rows, float* out,
+          int64_t ldo) {
+  Vec16 acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = Load<Vec16>(out + i * ldo + 16 * j);
+  for (int64_t p = 0; p < rows; ++p) {
+    const float* xr = x + p * ldx;
+    const float* gr = g + p * ldg;
+    Vec16 gv[NV];
+    for (int j = 0; j < NV; ++j) gv[j] = Load<Vec16>(gr + 16 * j);
+    for (int i = 0; i < MR; ++i) {
+      const float xv = xr[i];
+      for (int j = 0; j < NV; ++j) acc[i][j] += xv * gv[j];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) Store<Vec16>(out + i * ldo + 16 * j, acc[i][j]);
+}
+
+// Tile<m, NV> for m = mr <= MR, picked at run time (the last tile of a block has fewer rows).
+template <int MR, int NV>
+void TileRows(int64_t mr, const float* x, int64_t ldx, const float* g, int64_t ldg,
+              int64_t rows, float* out, int64_t ldo) {
+  if constexpr (MR > 1)
+    if (mr < MR) return TileRows<MR - 1, NV>(mr, x, ldx, g, ldg, rows, out, ldo);
+  Tile<MR, NV>(x, ldx, g, ldg, rows, out, ldo);
+}
+
+// out[c, f] += sum_p x[p, c] g[p, f] over f in [f0, f0 + 16 NV), c < cn, rows [0, rows): 24
+// accumulators a tile (MR x NV = 6 x 4 or 12 x 2), enough to hide the FMA latency.
+template <int NV>
+void Columns(const float* x, int64_t ldx, const float* g, int64_t f_total, int64_t f0,
+             int64_t rows, int64_t cn, float* out) {
+  constexpr int MR = 24 / NV;
+  for (int64_t c = 0; c < cn; c += MR)
+    TileRows<MR, NV>(std::min<int64_t>(MR, cn - c), x + c, ldx, g + f0, f_total, rows,
+                     out + c * f_total + f0, f_total);
+}
+
+// out[c, f] += sum_p x[p, c] g[p, f] over rows [0, rows), c < cn, f < F.
+void Accumulate(const float* x, int64_t ldx, const float* g, int64_t f_total, int64_t rows,
+                int64_t cn, float* out) {
+  int64_t f = 0;
+  for (; f + 64 <= f_total; f += 64) Columns<4>(x, ldx, g, f_total, f, rows, cn, out);
+  for (; f + 32 <= f_total; f += 32) Columns<2>(x, ldx, g, f_total, f, rows, cn, out);
+  for (; f + 16 <= f_total; f += 16) Columns<1>(x, ldx, g, f_total, f, rows, cn, out);
+  for (; f < f_total; ++f)   // F not a multiple of 16 (a classifier's 1000 classes)
+    for (int64_t c = 0; c < cn; ++c) {
+      float s = 0.f;
+      for (int64_t p = 0; p < rows; ++p) s += x[p * ldx + c] * g[p * f_total + f];
+      out[c * f_total + f] += s;
+    }
+}
+
+int64_t RoundUp(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+}  // namespace
+
+static ffi::Error DenseGrads(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dw,
+                             ffi::ResultBuffer<ffi::F32> db) {
+  const auto xd = x.dimensions(), gd = g.dimensions();
+  if (!IsRows(xd) || !IsRows(gd) || xd[0] != gd[0])
+    return ffi::Error::InvalidArgument(
+        "effvit dense gradient: expected x (P, C) and g (P, F) with the same P");
+  const int64_t p_total = xd[0], c_total = xd[1], f_total = gd[1];
+  const float *xp = x.typed_data(), *gp = g.typed_data();
+  // C in near-equal blocks of whole register tiles, at most kBlockC each; rows in chunks of
+  // at least 512 (fewer partials to add), enough chunks x blocks for the threads to balance.
+  const int64_t c_blocks = std::max<int64_t>(1, (c_total + kBlockC - 1) / kBlockC);
+  const int64_t block_c = RoundUp((c_total + c_blocks - 1) / c_blocks, kRowsPerTile);
+  const int64_t chunks = std::clamp<int64_t>(
+      std::min<int64_t>(32 / c_blocks, p_total / 512), 1, kChunks);
+  const int64_t block_rows = std::clamp<int64_t>(
+      kBlockBytes / (4 * (std::min(block_c, c_total) + f_total)), 16, 1024);
+  const int64_t n = c_total * f_total;
+  std::vector<float> partial(chunks * (n + f_total), 0.f);   // per chunk: dW, then db
+  float* pp = partial.data();
+  ParallelFor(pool, chunks * c_blocks, [=](int64_t task) {
+    const int64_t chunk = task / c_blocks, cb = task % c_blocks;
+    const int64_t begin = p_total * chunk / chunks, end = p_total * (chunk + 1) / chunks;
+    const int64_t c0 = cb * block_c, cn = std::min(block_c, c_total - c0);
+    float* out = pp + chunk * (n + f_total);
+    for (int64_t r = begin; r < end; r += block_rows) {
+      const int64_t rows = std::min(block_rows, end - r);
+      Accumulate(xp + r * c_total + c0, c_total, gp + r * f_total, f_total, rows, cn,
+                 out + c0 * f_total);
+      if (cb == 0) {
+        float* dbp = out + n;
+        for (int64_t q = r; q < r + rows; ++q)
+          ForChannelBlocks(f_total, [&](auto lane, int64_t f0) {
+            using V = decltype(lane);
+            Store<V>(dbp + f0, Load<V>(dbp + f0) + Load<V>(gp + q * f_total + f0));
+          });
+      }
+    }
+  });
+  float *dwp = dw->typed_data(), *dbp = db->typed_data();
+  std::copy(pp, pp + n, dwp);
+  std::copy(pp + n, pp + n + f_total, dbp);
+  for (int64_t i = 1; i < chunks; ++i) {
+    const float* part = pp + i * (n + f_total);
+    for (int64_t t = 0; t < n; ++t) dwp[t] += part[t];
+    for (int64_t t = 0; t < f_total; ++t) dbp[t] += part[n + t];
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffvitDenseGradsF32, DenseGrads,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // g
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dW
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // db

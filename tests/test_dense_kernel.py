@@ -1,0 +1,75 @@
+"""The dense-layer parameter gradient kernel (effvit/cpu_kernels/dense_grads.cc) against float64
+x^T g and sum(g), and effvit.layers.linear / Dense with and without it."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effvit import cpu_kernels
+from effvit.layers import Dense, linear
+
+needs_compiler = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no C++ compiler")
+
+
+# P: one row, fewer rows than a chunk, many chunks; C: below one 6-row tile, tails after it,
+# several 48-channel blocks; F: below 16, tails after the 64-, 32- and 16-wide tiles.
+@needs_compiler
+@pytest.mark.parametrize("p,c,f", [(1, 1, 1), (5, 7, 3), (700, 37, 70), (3000, 64, 32),
+                                   (1100, 100, 1000), (40, 300, 112)])
+def test_kernel_matches_float64(p, c, f, single_device):
+  rng = np.random.default_rng(p + c + f)
+  x = rng.standard_normal((p, c)) + rng.uniform(-2, 2, c)   # off-centre columns
+  g = rng.standard_normal((p, f))
+  dw, db = jax.jit(cpu_kernels.dense_grads)(jnp.asarray(x, jnp.float32),
+                                            jnp.asarray(g, jnp.float32))
+  assert dw.shape == (c, f) and db.shape == (f,) and dw.dtype == db.dtype == jnp.float32
+  for ours, ref in ((dw, x.T @ g), (db, g.sum(0))):
+    # float32 inputs rounded once, sums of p products: error ~ sqrt(p) ulps of the terms
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6 * np.sqrt(p) * (np.abs(x).max() + 1)
+                               * np.abs(g).max() * 4)
+
+
+@needs_compiler
+def test_kernel_result_does_not_depend_on_timing(single_device):
+  """Partials are added in chunk order: repeated calls agree bit for bit."""
+  rng = np.random.default_rng(0)
+  x, g = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((5000, 40), (5000, 96)))
+  fn = jax.jit(cpu_kernels.dense_grads)
+  first = fn(x, g)
+  for _ in range(5):
+    for a, b in zip(fn(x, g), first):
+      np.testing.assert_array_equal(a, b)
+
+
+@needs_compiler
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_dense_gradients_same_with_and_without_the_kernel(use_bias, monkeypatch,
+                                                         single_device):
+  module = Dense(24, use_bias=use_bias)
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((3, 50, 20)), jnp.float32)
+  g = jnp.asarray(rng.standard_normal((3, 50, 24)), jnp.float32)
+  variables = module.init(jax.random.key(0), x)
+  if use_bias:
+    variables["params"]["bias"] = jnp.asarray(rng.standard_normal(24), jnp.float32)
+  results = []
+  for kernels in ("1", "0"):
+    monkeypatch.setenv("EFFVIT_CPU_KERNELS", kernels)
+    fn = jax.jit(lambda v, x: module.apply(v, x))   # traced again for each setting
+    backward = jax.jit(lambda v, x: jax.vjp(fn, v, x)[1](g))
+    assert ("effvit_dense_grads_f32" in backward.lower(variables, x).as_text()) == (
+        kernels == "1")
+    y, vjp = jax.vjp(fn, variables, x)
+    results.append((y, *vjp(g)))
+  assert jax.tree.structure(results[0]) == jax.tree.structure(results[1])
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_is_off_for_bfloat16_and_on_several_devices():
+  assert jax.device_count() == 8   # conftest
+  x, w = jnp.ones((4, 8)), jnp.ones((8, 3))
+  assert cpu_kernels.dense_grads(x, jnp.ones((4, 3))) is None
+  grad = jax.grad(lambda w: linear(x, w).sum())
+  assert "effvit_dense_grads" not in jax.jit(grad).lower(w).as_text()
+  np.testing.assert_array_equal(grad(w), np.full((8, 3), 4.0))
