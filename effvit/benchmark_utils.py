@@ -59,13 +59,13 @@ def set_threads(n: int = 0) -> int:
   return len(cores)
 
 
-def aot_compile(fn: Callable, *args, donate_argnums=(), kind: str | None = None):
+def aot_compile(fn: Callable, *args, donate_argnums=(), kind: str | None = None, dtype=None):
   """(compiled, seconds): jit + lower + compile fn for these arguments (arrays or
   ShapeDtypeStructs); `kind` ("inference" / "train") compiles with effvit.xla_cpu's options
-  for that step, as train.py and eval.py do."""
+  for that step and compute `dtype`, as train.py and eval.py do."""
   import jax
   from effvit.xla_cpu import compiler_options
-  options = compiler_options(kind) if kind else None
+  options = compiler_options(kind, dtype) if kind else None
   t = time.perf_counter()
   compiled = jax.jit(fn, donate_argnums=donate_argnums, compiler_options=options).lower(
       *args).compile()
@@ -100,6 +100,7 @@ class EffvitRunner:
     import jax
     import jax.numpy as jnp
     import optax
+    from effvit.models import compute_dtype
     from effvit.train.optimizer import decay_mask
     from effvit.train.state import create_state, train_step
 
@@ -121,7 +122,7 @@ class EffvitRunner:
     built = {"inference": aot_compile(lambda v, x: model.apply(v, x), self.variables, self.x,
                                       kind="inference"),
              "train": aot_compile(step, self.state, self._batch, donate_argnums=(0,),
-                                  kind="train")}
+                                  kind="train", dtype=compute_dtype(model))}
     self.compiled = {mode: c for mode, (c, _) in built.items()}
     self.compile_seconds = {mode: s for mode, (_, s) in built.items()}
     self.memory = {mode: compiled_memory(c) for mode, c in self.compiled.items()}

@@ -80,6 +80,10 @@ def _bf16_linear_fwd(x, w, b):
 def _bf16_linear_bwd(res, g):
   x, w, b = res
   dx = _dot_f32(g, w.astype(jnp.bfloat16), (1, 1)).astype(x.dtype)
+  grads = cpu_kernels.dense_grads(x, g)   # on float32 copies: see _linear_cpu
+  if grads is not None:
+    dw, db = grads
+    return dx, dw.astype(w.dtype), None if b is None else db.astype(b.dtype)
   dw = _dot_f32(x, g, (0, 0)).astype(w.dtype)
   db = None if b is None else jnp.sum(g, axis=0, dtype=jnp.float32).astype(b.dtype)
   return dx, dw, db

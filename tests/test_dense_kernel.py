@@ -42,13 +42,16 @@ def test_kernel_result_does_not_depend_on_timing(single_device):
 
 
 @needs_compiler
-@pytest.mark.parametrize("use_bias", [True, False])
-def test_dense_gradients_same_with_and_without_the_kernel(use_bias, monkeypatch,
+@pytest.mark.parametrize("use_bias,dtype", [(True, jnp.float32), (False, jnp.float32),
+                                            (True, jnp.bfloat16)])
+def test_dense_gradients_same_with_and_without_the_kernel(use_bias, dtype, monkeypatch,
                                                          single_device):
-  module = Dense(24, use_bias=use_bias)
+  """float32, and bfloat16 activations with float32 parameters (the kernel on float32 copies,
+  against YNNPACK's bfloat16 dot accumulated in float32): parameter gradients stay float32."""
+  module = Dense(24, use_bias=use_bias, dtype=dtype)
   rng = np.random.default_rng(5)
-  x = jnp.asarray(rng.standard_normal((3, 50, 20)), jnp.float32)
-  g = jnp.asarray(rng.standard_normal((3, 50, 24)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((3, 50, 20)), dtype)
+  g = jnp.asarray(rng.standard_normal((3, 50, 24)), dtype)
   variables = module.init(jax.random.key(0), x)
   if use_bias:
     variables["params"]["bias"] = jnp.asarray(rng.standard_normal(24), jnp.float32)
@@ -62,8 +65,11 @@ def test_dense_gradients_same_with_and_without_the_kernel(use_bias, monkeypatch,
     y, vjp = jax.vjp(fn, variables, x)
     results.append((y, *vjp(g)))
   assert jax.tree.structure(results[0]) == jax.tree.structure(results[1])
+  assert results[0][1]["params"]["kernel"].dtype == jnp.float32
   for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_kernel_is_off_for_bfloat16_and_on_several_devices():

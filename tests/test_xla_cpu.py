@@ -32,6 +32,24 @@ def test_options_route_reductions_per_step(monkeypatch):
   assert _ynn_fusions("train", grad_w, x, w) >= 1
 
 
+def test_bfloat16_training_keeps_dot_operands_in_bfloat16(monkeypatch):
+  """Under the float32 training set (DOT), XLA widens a bfloat16 dot's operand to float32
+  before YNNPACK's fusion; bfloat16 training's set hands YNNPACK the bfloat16 operands."""
+  monkeypatch.delenv("EFFVIT_XLA_CPU", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  x, w = jnp.ones((64, 96), jnp.bfloat16), jnp.ones((96, 32), jnp.bfloat16)
+  dot = lambda x, w: (jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())),
+                                          preferred_element_type=jnp.float32) * 2.0)
+  def operands(dtype):
+    options = xla_cpu.compiler_options("train", dtype)
+    text = jax.jit(dot, compiler_options=options).lower(x, w).compile().as_text()
+    line = next(l for l in text.splitlines() if "%ynn_fusion = " in l)
+    return line.split("fusion(")[1].split(")")[0]
+  assert operands(jnp.bfloat16) == "%x.1, %w.1"
+  assert "convert" in operands(jnp.float32)
+  assert xla_cpu.compiler_options("train", jnp.float32) == xla_cpu.compiler_options("train")
+
+
 def test_opt_outs_and_bad_kind(monkeypatch):
   monkeypatch.setenv("EFFVIT_XLA_CPU", "default")
   assert xla_cpu.compiler_options("train") == {}

@@ -227,9 +227,10 @@ def batch_norm_grads(x: jax.Array, scale: jax.Array, mean: jax.Array, var: jax.A
 
 def dense_grads(x: jax.Array, g: jax.Array):
   """(dW, db) of a dense layer over the rows of 2-D `x` ((P, C)) given its output gradient g
-  ((P, F)), in x's and g's dtypes, or None where the kernels are not usable."""
+  ((P, F)), in float32 whatever x's and g's dtypes (bfloat16 activations have float32
+  parameters), or None where the kernels are not usable."""
   if x.ndim != 2 or g.ndim != 2 or not usable(x, g):
     return None
   return _call("effvit_dense_grads_f32",
-               (jax.ShapeDtypeStruct((x.shape[1], g.shape[1]), x.dtype),
-                jax.ShapeDtypeStruct(g.shape[1:], g.dtype)), x, g)
+               (jax.ShapeDtypeStruct((x.shape[1], g.shape[1]), jnp.float32),
+                jax.ShapeDtypeStruct(g.shape[1:], jnp.float32)), x, g)

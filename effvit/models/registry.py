@@ -36,6 +36,11 @@ def create_model(name: str, **overrides) -> nn.Module:
   return _MODELS[name](**overrides)
 
 
+def compute_dtype(model: nn.Module):
+  """The dtype a built model computes in (its config's `dtype`; None if it has none)."""
+  return getattr(getattr(model, "config", model), "dtype", None)
+
+
 def model_fields(name: str) -> dict:
   """All settings of model `name` with their values: what `create_model` overrides accept.
 

@@ -33,7 +33,7 @@ from effvit import convert, profile
 from effvit.data import pipeline
 from effvit.errors import ConfigError, EffvitError
 from effvit.evaluate import Evaluator, make_evaluators
-from effvit.models import create_model
+from effvit.models import compute_dtype, create_model
 from effvit.train import checkpoint, optimizer, sharding
 from effvit.train.metrics import create_writer
 from effvit.train.state import NONFINITE_LOSS, TrainState, create_state, train_step
@@ -179,7 +179,8 @@ class Trainer:
         ema_decay=c.optimizer.ema_decay, accum_steps=c.optimizer.accum_steps)
     self._step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.batch_sharding),
                          out_shardings=(self.state_sharding, sharding.replicated(plan.mesh)),
-                         donate_argnums=(0,), compiler_options=compiler_options("train"))
+                         donate_argnums=(0,),
+                         compiler_options=compiler_options("train", compute_dtype(plan.model)))
     self._signal = None
     self.state = None   # the final state, after run()
 
