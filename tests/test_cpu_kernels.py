@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from effvit import cpu_kernels
-from effvit.layers import DepthwiseConv, depthwise_conv
+from effvit.layers import DepthwiseConv, Mlp, depthwise_conv
 from effvit.models import create_model
 from pyramid_helpers import FAST_COMPILE, grouped_conv, random_variables
 
@@ -51,6 +51,42 @@ def test_fused_forward_matches_grouped_conv_bias_and_gelu(shape, single_device):
   assert ours is not None, "the kernel should build and apply here"
   ref = jax.nn.gelu(grouped_conv(x, kernel) + bias, approximate=False)
   np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=2e-6)
+  # fc1's bias fused in: added to x inside the map only (the padding stays zero)
+  in_bias = jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32)
+  ours = jax.jit(cpu_kernels.depthwise_conv3x3_bias_gelu)(x, kernel, bias, in_bias)
+  ref = jax.nn.gelu(grouped_conv(x + in_bias, kernel) + bias, approximate=False)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_conv_mlp_with_fc1_bias_fused_matches_the_unfused_layers(kernels, monkeypatch,
+                                                                 single_device):
+  """The ConvFFN in inference (fc1's bias inside the conv kernel) against fc1 -> conv -> GELU
+  as separate layers, and its gradient (the fused path under jax.grad)."""
+  monkeypatch.setenv("EFFVIT_CPU_KERNELS", kernels)
+  mlp = Mlp(24, dwconv=True)
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.standard_normal((2, 5 * 6, 8)), jnp.float32)
+  variables = mlp.init(jax.random.key(0), x, (5, 6))
+  params = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), jnp.float32) * 0.5,
+                        variables["params"])
+
+  def unfused(p, x):
+    h = x @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+    h = grouped_conv(h.reshape(2, 5, 6, 24), p["dwconv"]["kernel"][:, :, 0])
+    h = jax.nn.gelu(h + p["dwconv"]["bias"], approximate=False).reshape(2, 30, 24)
+    return h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+
+  fused = lambda p, x: mlp.apply({"params": p}, x, (5, 6))
+  assert ("effvit_depthwise_conv3x3_bias_gelu_f32" in jax.jit(fused).lower(params, x).as_text()
+          ) == (kernels == "1")
+  np.testing.assert_allclose(jax.jit(fused)(params, x), unfused(params, x), rtol=1e-5,
+                             atol=1e-5)
+  loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))
+  for a, b in zip(jax.tree.leaves(jax.jit(jax.grad(loss(fused), (0, 1)))(params, x)),
+                  jax.tree.leaves(jax.grad(loss(unfused), (0, 1))(params, x))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
 
 
 @needs_compiler

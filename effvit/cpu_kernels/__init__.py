@@ -6,7 +6,8 @@ depthwise_conv3x3.cc: the 3×3 depthwise conv of PVTv2's ConvFFN (and LaViT's):
   it, pvt_v2_b0's training step at batch 32 went 976 → 835 ms on the project's 2-core machine;
   README, Performance);
 - its forward fused with the bias and GELU that follow it, one pass where XLA pads first,
-  used for inference (effvit.layers.depthwise_conv_gelu; pvt_v2_b0 at batch 32: 219 → 205 ms);
+  used for inference (effvit.layers.depthwise_conv_gelu; pvt_v2_b0 at batch 32: 219 → 205 ms),
+  and with the bias of the fc1 before it (effvit.layers.biased_conv_gelu: 368 → 345 ms);
 - that fused op's gradient in one pass, recomputing the conv in cache where XLA recomputes it,
   writes gy·gelu'(h) and reduces it in passes of their own (pvt_v2_b0's training step at batch
   32: 1019 → 841 ms; pvt_v2_b2 at batch 8: 1078 → 970 ms).
@@ -168,12 +169,15 @@ def depthwise_conv3x3_grads(x: jax.Array, kernel: jax.Array, g: jax.Array):
   return _call("effvit_depthwise_conv3x3_bwd_f32", (x, kernel), x, kernel, g)
 
 
-def depthwise_conv3x3_bias_gelu(x: jax.Array, kernel: jax.Array, bias: jax.Array):
-  """gelu(depthwise_conv(x, kernel) + bias) (exact GELU) in x's dtype, or None where the kernel
-  does not apply (as for depthwise_conv3x3_grads)."""
-  if not applies(x, kernel, bias):
+def depthwise_conv3x3_bias_gelu(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                                in_bias: jax.Array | None = None):
+  """gelu(depthwise_conv(x + in_bias, kernel) + bias) (exact GELU; zero padding, in_bias only
+  inside the map) in x's dtype, or None where the kernel does not apply (as for
+  depthwise_conv3x3_grads)."""
+  in_bias = jnp.zeros_like(bias) if in_bias is None else in_bias
+  if not applies(x, kernel, bias, in_bias):
     return None
-  return _call("effvit_depthwise_conv3x3_bias_gelu_f32", (x,), x, kernel, bias)[0]
+  return _call("effvit_depthwise_conv3x3_bias_gelu_f32", (x,), x, kernel, bias, in_bias)[0]
 
 
 def depthwise_conv3x3_bias_gelu_grads(x: jax.Array, kernel: jax.Array, bias: jax.Array,

@@ -1,7 +1,9 @@
 // A 3x3, stride-1, zero-padded depthwise conv of an NHWC float32 map: PVTv2's ConvFFN.
 //
-// Forward, fused with the bias and the exact GELU that follow it in the ConvFFN:
-//   h[b, r, s, c] = bias[c] + sum_{i,j in 0..2} x[b, r + i - 1, s + j - 1, c] * k[i, j, c]
+// Forward, fused with the bias and the exact GELU that follow it in the ConvFFN (and, in
+// inference, the bias of the fc1 before it, in_bias, added to x inside the zero padding):
+//   h[b, r, s, c] = bias[c] + sum_{i,j in 0..2} x'[b, r + i - 1, s + j - 1, c] * k[i, j, c]
+//   x' = x + in_bias inside the map, 0 outside
 //   y = h / 2 * (1 + erf(h / sqrt(2)))
 // Gradient of the conv alone, given g = dL/dh:
 //   dx[b, r, s, c] = sum_{i,j} g[b, r - i + 1, s - j + 1, c] * k[i, j, c]
@@ -109,16 +111,21 @@ inline V ExpNonPositive(V x) {
   }
 }
 
-// h = bias + conv(x) at image row y, column s, lanes of V from c0 (kv: the 9 taps).
+// h = bias + conv(x + in_bias) at image row y, column s, lanes of V from c0 (kv: the 9 taps;
+// h0: bias + in_bias * sum of the taps, kb: in_bias * each tap, taken back where a tap falls
+// outside the map, whose padding is zero).
 template <typename V>
-inline V ConvAt(const Map& m, const float* __restrict xb, const V kv[9], V h, int64_t y,
-                int64_t s, int64_t c0) {
+inline V ConvAt(const Map& m, const float* __restrict xb, const V kv[9], const V kb[9], V h0,
+                int64_t y, int64_t s, int64_t c0) {
+  V h = h0;
   for (int i = 0; i < 3; ++i) {
     const int64_t r = y + i - 1;
-    if (r < 0 || r >= m.h) continue;
     for (int j = 0; j < 3; ++j) {
       const int64_t sx = s + j - 1;
-      if (sx >= 0 && sx < m.w) h += Load<V>(xb + (r * m.w + sx) * m.c + c0) * kv[i * 3 + j];
+      if (r >= 0 && r < m.h && sx >= 0 && sx < m.w)
+        h += Load<V>(xb + (r * m.w + sx) * m.c + c0) * kv[i * 3 + j];
+      else
+        h -= kb[i * 3 + j];
     }
   }
   return h;
@@ -126,16 +133,23 @@ inline V ConvAt(const Map& m, const float* __restrict xb, const V kv[9], V h, in
 
 // Image row y of y = gelu(h) (kGrad false), or of g = gy * gelu'(h) (kGrad true, gy_row the
 // row of gy), into out_row, channels [c0, c0 + lanes).
+// in_bias: added to x before the conv (the ConvFFN's fc1 bias, fused here), or nullptr.
 template <typename V, bool kGrad>
 void GeluRowBlock(const Map& m, const float* __restrict xb, const float* __restrict k,
-                  const float* __restrict bias, const float* __restrict gy_row,
-                  float* __restrict out_row, int64_t y, int64_t c0) {
+                  const float* __restrict bias, const float* __restrict in_bias,
+                  const float* __restrict gy_row, float* __restrict out_row, int64_t y,
+                  int64_t c0) {
   const int64_t c = m.c;
-  V kv[9];
-  for (int t = 0; t < 9; ++t) kv[t] = Load<V>(k + t * c + c0);
-  const V b = Load<V>(bias + c0);
+  V kv[9], kb[9];
+  V h0 = Load<V>(bias + c0);
+  const V ib = in_bias ? Load<V>(in_bias + c0) : V{};
+  for (int t = 0; t < 9; ++t) {
+    kv[t] = Load<V>(k + t * c + c0);
+    kb[t] = ib * kv[t];
+    h0 += kb[t];
+  }
   for (int64_t s = 0; s < m.w; ++s) {
-    const V h = ConvAt<V>(m, xb, kv, b, y, s, c0);
+    const V h = ConvAt<V>(m, xb, kv, kb, h0, y, s, c0);
     const V cdf = 0.5f * (1.f + Erf<V>(h * 0.70710678118654752f));
     if (kGrad) {
       const V pdf = ExpNonPositive<V>(-0.5f * h * h) * 0.39894228040143268f;
@@ -158,20 +172,24 @@ bool IsKernel(ffi::Span<const int64_t> k, int64_t c) {
 
 static ffi::Error DepthwiseConv3x3BiasGelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                            ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> bias,
+                                           ffi::Buffer<ffi::F32> in_bias,
                                            ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions();
-  if (!IsMap(xd) || !IsKernel(k.dimensions(), xd[3]) || !IsVector(bias.dimensions(), xd[3]))
+  if (!IsMap(xd) || !IsKernel(k.dimensions(), xd[3]) || !IsVector(bias.dimensions(), xd[3])
+      || !IsVector(in_bias.dimensions(), xd[3]))
     return ffi::Error::InvalidArgument(
-        "effvit depthwise_conv3x3 forward: expected x (B, H, W, C), kernel (3, 3, C), bias (C,)");
+        "effvit depthwise_conv3x3 forward: expected x (B, H, W, C), kernel (3, 3, C), bias and "
+        "in_bias (C,)");
   const Map m{xd[0], xd[1], xd[2], xd[3]};
   const int64_t rows = m.b * m.h, image = m.h * m.w * m.c;
   const float *xp = x.typed_data(), *kp = k.typed_data(), *bp = bias.typed_data();
+  const float* ip = in_bias.typed_data();
   float* yp = y->typed_data();
   ParallelFor(pool, rows, [=](int64_t row) {
     const float* xb = xp + row / m.h * image;
     float* out_row = yp + row * m.w * m.c;
     ForChannelBlocks(m.c, [&](auto lane, int64_t c0) {
-      GeluRowBlock<decltype(lane), false>(m, xb, kp, bp, nullptr, out_row, row % m.h, c0);
+      GeluRowBlock<decltype(lane), false>(m, xb, kp, bp, ip, nullptr, out_row, row % m.h, c0);
     });
   });
   return ffi::Error::Success();
@@ -231,7 +249,7 @@ static ffi::Error DepthwiseConv3x3BiasGeluBwd(
       const int64_t first = y > 0 ? row - 1 : row, last = y + 1 < m.h ? row + 1 : row;
       for (int64_t r = std::max(first, ready); r <= last; ++r) {
         ForChannelBlocks(m.c, [&](auto lane, int64_t c0) {
-          GeluRowBlock<decltype(lane), true>(m, xp + r / m.h * image, kp, bp,
+          GeluRowBlock<decltype(lane), true>(m, xp + r / m.h * image, kp, bp, nullptr,
                                              gyp + r * row_size, slot(r), r % m.h, c0);
         });
       }
@@ -255,6 +273,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EffvitDepthwiseConv3x3BiasGeluF32, DepthwiseConv3x
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x
                                   .Arg<ffi::Buffer<ffi::F32>>()   // kernel
                                   .Arg<ffi::Buffer<ffi::F32>>()   // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // in_bias
                                   .Ret<ffi::Buffer<ffi::F32>>()); // y
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EffvitDepthwiseConv3x3BwdF32, DepthwiseConv3x3Bwd,
