@@ -17,8 +17,9 @@ batch 8 1944 → 1792 ms).
 batch_norm.cc: BatchNorm in training and its gradient, two passes each (effvit.layers.BatchNorm;
 ResNeSt).
 dense_grads.cc: the parameter gradient of a dense layer (x^T g and sum(g) over the P rows),
-which Eigen ran on one thread where C x F is small (effvit.layers.linear, float32; 1.3-3x faster
-than XLA's, as fast as PyTorch's; pvt_v2_b2's training step at batch 8 1621 → 1547 ms).
+which Eigen ran on one thread where C x F is small (effvit.layers.linear, float32 and
+bfloat16; 1.3-3.5x faster than XLA's, as fast as PyTorch's; pvt_v2_b2's float32 training step
+at batch 8 1621 → 1547 ms).
 common.h: what they share.
 
 The source ships with the package and is built with the system C++ compiler ($CXX, else c++)
