@@ -79,6 +79,14 @@ void ForRowChunks(ffi::ThreadPool& pool, int64_t rows, F fn) {
   ParallelFor(pool, chunks, [=](int64_t i) { fn(i, rows * i / chunks, rows * (i + 1) / chunks); });
 }
 
+// out[t] = sum over i < count of partials[i * stride + t], for t < n, added in order of i.
+inline void AddInOrder(const float* partials, int64_t count, int64_t stride, int64_t n,
+                       float* out) {
+  std::fill(out, out + n, 0.f);
+  for (int64_t i = 0; i < count; ++i)
+    for (int64_t t = 0; t < n; ++t) out[t] += partials[i * stride + t];
+}
+
 // out[0, n) = what fn(begin, end, partial) adds to its chunk's zeroed partial (n floats), over
 // ForRowChunks's chunks, the partials added in chunk order: independent of threads and timing.
 template <typename F>
@@ -89,9 +97,7 @@ void SumOverRowChunks(ffi::ThreadPool& pool, int64_t rows, int64_t n, float* out
   ForRowChunks(pool, rows, [=](int64_t i, int64_t begin, int64_t end) {
     fn(begin, end, pp + i * n);
   });
-  std::fill(out, out + n, 0.f);
-  for (int64_t i = 0; i < chunks; ++i)
-    for (int64_t t = 0; t < n; ++t) out[t] += pp[i * n + t];
+  AddInOrder(pp, chunks, n, n, out);
 }
 
 // Shape checks of FFI buffers: (rows, columns), and (n,).

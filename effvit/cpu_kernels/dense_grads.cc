@@ -127,14 +127,8 @@ static ffi::Error DenseGrads(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       }
     }
   });
-  float *dwp = dw->typed_data(), *dbp = db->typed_data();
-  std::copy(pp, pp + n, dwp);
-  std::copy(pp + n, pp + n + f_total, dbp);
-  for (int64_t i = 1; i < chunks; ++i) {
-    const float* part = pp + i * (n + f_total);
-    for (int64_t t = 0; t < n; ++t) dwp[t] += part[t];
-    for (int64_t t = 0; t < f_total; ++t) dbp[t] += part[n + t];
-  }
+  AddInOrder(pp, chunks, n + f_total, n, dw->typed_data());
+  AddInOrder(pp + n, chunks, n + f_total, f_total, db->typed_data());
   return ffi::Error::Success();
 }
 
