@@ -30,6 +30,10 @@
 
 #include "common.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace ffi = xla::ffi;
 
 namespace {
@@ -74,6 +78,21 @@ void RowBlock(const Map& m, const float* __restrict xb, const float* const g[3],
   if (kBias) Store<V>(acc + 9 * c + c0, Load<V>(acc + 9 * c + c0) + db);
 }
 
+// 1 / q: a vector division is slow (a fifth of the forward's time on Zen 4); with AVX-512 the
+// 14-bit estimate plus one Newton step (relative error ~1e-7) instead.
+template <typename V>
+inline V Reciprocal(V q) {
+#if defined(__AVX512F__)
+  if constexpr (!std::is_same_v<V, float>) {
+    V r;
+    const __m512 e = _mm512_rcp14_ps(Load<__m512>(reinterpret_cast<const float*>(&q)));
+    std::memcpy(&r, &e, sizeof r);
+    return r * (2.f - q * r);
+  }
+#endif
+  return 1.f / q;
+}
+
 // erf as x * P(x^2) / Q(x^2) on [-4, 4] (|error| < 5e-7; erf(4) rounds to 1 in float32).
 template <typename V>
 inline V Erf(V x) {
@@ -88,7 +107,7 @@ inline V Erf(V x) {
   for (float b : {-2.13374055278905e-04f, -1.68282697438203e-03f, -7.37332916720468e-03f,
                   -1.42647390514189e-02f})
     q = q * x2 + b;
-  return x * p / q;
+  return x * p * Reciprocal<V>(q);
 }
 
 // exp(x) for x <= 0 (|relative error| < 2e-7): 2^n * e^r with r = x - n ln2, |r| <= ln2 / 2.
@@ -131,6 +150,17 @@ inline V ConvAt(const Map& m, const float* __restrict xb, const V kv[9], const V
   return h;
 }
 
+// ConvAt for a pixel whose 9 taps all fall inside the map: no bounds checks (~8% of the
+// forward's time).
+template <typename V>
+inline V ConvInside(const Map& m, const float* __restrict xb, const V kv[9], V h0, int64_t y,
+                    int64_t s, int64_t c0) {
+  const float* p = xb + ((y - 1) * m.w + s - 1) * m.c + c0;
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j) h0 += Load<V>(p + (i * m.w + j) * m.c) * kv[i * 3 + j];
+  return h0;
+}
+
 // Image row y of y = gelu(h) (kGrad false), or of g = gy * gelu'(h) (kGrad true, gy_row the
 // row of gy), into out_row, channels [c0, c0 + lanes).
 // in_bias: added to x before the conv (the ConvFFN's fc1 bias, fused here), or nullptr.
@@ -148,8 +178,10 @@ void GeluRowBlock(const Map& m, const float* __restrict xb, const float* __restr
     kb[t] = ib * kv[t];
     h0 += kb[t];
   }
+  const bool row_inside = y >= 1 && y + 1 < m.h;
   for (int64_t s = 0; s < m.w; ++s) {
-    const V h = ConvAt<V>(m, xb, kv, kb, h0, y, s, c0);
+    const V h = row_inside && s >= 1 && s + 1 < m.w ? ConvInside<V>(m, xb, kv, h0, y, s, c0)
+                                                    : ConvAt<V>(m, xb, kv, kb, h0, y, s, c0);
     const V cdf = 0.5f * (1.f + Erf<V>(h * 0.70710678118654752f));
     if (kGrad) {
       const V pdf = ExpNonPositive<V>(-0.5f * h * h) * 0.39894228040143268f;
