@@ -25,7 +25,10 @@ practical peak). Each effvit forward's achieved GFLOP/s is 2 · GMACs (effvit.pr
 the papers' count, matmuls and convs only) · images/s, shown as a fraction of that peak. timm's
 forward is given the same count (its model's GMACs), and `ceiling` = peak / timm's GFLOP/s is
 the inference ratio effvit would reach at 100% of the peak: a target above it cannot be met on
-this machine.
+this machine. Training rows do the same with a step counted as 3 forwards (the usual
+convention: the backward's two matmuls per forward matmul, for the input and the weight
+gradients; the optimizer and the norms are not counted), so their ceiling bounds the training
+ratio.
 
 Allocator: on some VMs every fresh large buffer costs page faults that dominate elementwise
 work, for both frameworks. `--malloc tuned` makes glibc keep freed memory for the whole
@@ -136,10 +139,10 @@ def run_one(name: str, batch: int, args, peak: float, rows: list) -> None:
                timm=ips["timm"], timm_compiled=ips.get("timm_compiled"),
                compile_error=comp_error if "timm_compiled" not in ips and not args.no_compile
                else "", first_call=first, note=note)
-    if mode == "inference":
-      row["gflops"] = 2 * eff.gmacs * ips["effvit"]
-      row["timm_gflops"] = 2 * reference_gmacs(name, ref_name, args.res, eff.gmacs) * ips["timm"]
-      row["peak_frac"] = row["gflops"] / peak
+    flops = 2 if mode == "inference" else 6   # per MAC of the forward; a step = 3 forwards
+    row["gflops"] = flops * eff.gmacs * ips["effvit"]
+    row["timm_gflops"] = flops * reference_gmacs(name, ref_name, args.res, eff.gmacs) * ips["timm"]
+    row["peak_frac"] = row["gflops"] / peak
     rows.append(row)
     print(format_row(row), flush=True)
   del eff, timm_eager, timm_comp
@@ -161,7 +164,7 @@ def format_row(r: dict) -> str:
 
 def table(rows: list, markdown: bool) -> str:
   head = ["model", "timm ref", "batch", "mode", "effvit img/s", "timm eager img/s", "ratio",
-          "timm compiled img/s", "ratio", "effvit fwd GFLOP/s", "% of matmul peak",
+          "timm compiled img/s", "ratio", "effvit GFLOP/s", "% of matmul peak",
           "timm % of peak", "ceiling"]
   lines = []
   for r in rows:
