@@ -84,7 +84,7 @@ void Accumulate(const float* x, int64_t ldx, const float* g, int64_t f_total, in
     }
 }
 
-int64_t RoundUp(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+int64_t CeilDiv(int64_t n, int64_t m) { return (n + m - 1) / m; }
 
 }  // namespace
 
@@ -99,8 +99,8 @@ static ffi::Error DenseGrads(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float *xp = x.typed_data(), *gp = g.typed_data();
   // C in near-equal blocks of whole register tiles, at most kBlockC each; rows in chunks of
   // at least 512 (fewer partials to add), enough chunks x blocks for the threads to balance.
-  const int64_t c_blocks = std::max<int64_t>(1, (c_total + kBlockC - 1) / kBlockC);
-  const int64_t block_c = RoundUp((c_total + c_blocks - 1) / c_blocks, kRowsPerTile);
+  const int64_t c_blocks = std::max<int64_t>(1, CeilDiv(c_total, kBlockC));
+  const int64_t block_c = CeilDiv(CeilDiv(c_total, c_blocks), kRowsPerTile) * kRowsPerTile;
   const int64_t chunks = std::clamp<int64_t>(
       std::min<int64_t>(32 / c_blocks, p_total / 512), 1, kChunks);
   const int64_t block_rows = std::clamp<int64_t>(

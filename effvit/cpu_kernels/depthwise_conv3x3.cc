@@ -190,9 +190,9 @@ void GeluGradRowBlock(const Map& m, const float* __restrict xb, const float* __r
   }
 }
 
-// Image row y of y = gelu(h) into out_row; h0 = bias + in_bias * (sum of the taps) per
-// channel, in_bias (fc1's bias, added to x inside the map) or nullptr. Pixel by pixel, every
-// channel of a pixel before the next: rows are often whole pages long (56 x 256 floats) and
+// Image row y of y = gelu(h) into out_row; in_bias is fc1's bias (added to x inside the map;
+// zeros without one) and h0 = bias + in_bias * (sum of the taps) per channel. Pixel by pixel,
+// every channel of a pixel before the next: rows are often whole pages long (56 x 256 floats) and
 // XLA places x and y at the same offset within a page, so sweeping one channel block along
 // the row (as the gradient does into its ring) loaded x right behind stores to y at the same
 // page offset, which the CPU must check against each other (4K aliasing). pvt_v2_b0's ConvFFN
@@ -213,7 +213,7 @@ void GeluForwardRow(const Map& m, const float* __restrict xb, const float* __res
       if (inside) {
         h = ConvInside<V>(m, xb, kv, Load<V>(h0 + c0), y, s, c0);
       } else {
-        const V ib = in_bias ? Load<V>(in_bias + c0) : V{};
+        const V ib = Load<V>(in_bias + c0);
         for (int t = 0; t < 9; ++t) kb[t] = ib * kv[t];
         h = ConvAt<V>(m, xb, kv, kb, Load<V>(h0 + c0), y, s, c0);
       }
