@@ -13,8 +13,10 @@ and block indices dropped, so the 3 + 4 + 6 + 3 blocks of a model add up per lay
     ms  share  pass  module path         primitive
     988  14.9%  bwd   mlp/dwconv          reduce_sum
 
-`bwd` marks ops of the gradient (XLA names them transpose(jvp(...))). The printed sum of op
-times is close to the wall time on XLA:CPU, which runs one op at a time across its threads.
+`bwd` marks ops of the gradient (XLA names them transpose(jvp(...))). Each instant of the
+traced step is shared among the ops running then (convolutions run asynchronously, on pool
+threads the trace does not see: see traced_op_ms), so the shares add up to the wall time.
+XLA's filter-gradient convolutions carry no op_name; they are listed as `-  convolution`.
 Glibc's allocator is tuned first (effvit.profile.tune_cpu_allocator), as in compare_timm.py.
 """
 from __future__ import annotations
@@ -50,7 +52,16 @@ def op_names(hlo_text: str) -> dict[str, str]:
 
 
 def traced_op_ms(call, trace_dir: str) -> collections.Counter:
-  """{op name: ms} of the XLA ops executed during one `call()` (summed over threads)."""
+  """{op name: ms of wall time} of the XLA ops executed during one `call()`.
+
+  Most XLA:CPU ops run on the thunk executor's thread and split their work over the pool
+  themselves. Convolutions (Eigen) and some library fusions run asynchronously: the trace
+  shows their dispatch `X` and, later, their completion `end: X`, while the work in between
+  runs on pool threads that record nothing. An op therefore spans from its first event to the
+  end of its last `end:` event, and every moment of the step is shared equally among the ops
+  running then, so the shares add up to the traced wall time; moments with no op running are
+  counted as "(idle)".
+  """
   import jax
   from tensorflow.tsl.profiler.protobuf import xplane_pb2
   with jax.profiler.trace(trace_dir):
@@ -59,7 +70,7 @@ def traced_op_ms(call, trace_dir: str) -> collections.Counter:
   space = xplane_pb2.XSpace()
   with open(path, "rb") as f:
     space.ParseFromString(f.read())
-  ops = collections.Counter()
+  events = []   # (start, end in ps, op, is an `end:` event)
   for plane in space.planes:
     meta = {k: v.name for k, v in plane.event_metadata.items()}
     for line in plane.lines:
@@ -67,9 +78,40 @@ def traced_op_ms(call, trace_dir: str) -> collections.Counter:
         continue
       for e in line.events:
         name = meta.get(e.metadata_id, "?")
-        if not name.startswith("ThunkExecutor"):   # the executor's spans enclose the ops
-          ops[name] += e.duration_ps / 1e9
-  return ops
+        if name.startswith(("ThunkExecutor", "SlinkyThreadPool", "ThreadpoolListener")):
+          continue   # the executor's and the pool's own spans, which enclose the ops
+        t0 = 1000 * line.timestamp_ns + e.offset_ps
+        events.append((t0, t0 + e.duration_ps, name.removeprefix("end: "),
+                       name.startswith("end: ")))
+  return wall_shares(op_runs(events))
+
+
+def op_runs(events) -> dict:
+  """{op: [[start, end], ...] per execution} from trace events (start, end, op, is_end): an
+  `end: X` event closes X's latest run, which then lasts until that completion."""
+  runs = collections.defaultdict(list)
+  for t0, t1, name, is_end in sorted(events):
+    if is_end and runs[name]:
+      runs[name][-1][1] = max(runs[name][-1][1], t1)
+    else:
+      runs[name].append([t0, t1])
+  return dict(runs)
+
+
+def wall_shares(runs: dict) -> collections.Counter:
+  """{op: ms}: each instant from the first start to the last end is split equally among the
+  ops with a run [start, end] (ps) containing it; instants covered by none go to "(idle)"."""
+  edges = sorted((t, kind, op) for op, rs in runs.items() for t0, t1 in rs
+                 for t, kind in ((t0, 1), (t1, -1)))
+  shares, active, last = collections.Counter(), collections.Counter(), None
+  for t, kind, op in edges:
+    live = +active
+    if last is not None and t > last:
+      for a in live or ("(idle)",):
+        shares[a] += (t - last) / 1e9 / max(len(live), 1)
+    active[op] += kind
+    last = t
+  return shares
 
 
 def group_key(op: str, scope: str) -> tuple[str, str, str]:
@@ -100,7 +142,7 @@ def main(argv=None):
   ops = traced_op_ms(call, tempfile.mkdtemp(prefix="effvit-op-profile-"))
   total = sum(ops.values())
   print(f"{args.model} {args.mode} {args.dtype} batch {args.batch} at {args.res}px: "
-        f"{1e3 * wall:.0f} ms per step untraced; {len(ops)} XLA ops, {total:.0f} ms summed")
+        f"{1e3 * wall:.0f} ms per step untraced; {len(ops)} XLA ops, {total:.0f} ms traced")
   groups = collections.Counter()
   for op, ms in ops.items():
     groups[group_key(op, scopes.get(op, ""))] += ms
