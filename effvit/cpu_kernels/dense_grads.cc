@@ -11,6 +11,19 @@
 // (chunk, block) task accumulates its rows into its own partial dW in registers, 6 x 64 at a
 // time, over row blocks that stay in L2. The partials are then added in chunk order, so the
 // result depends on the shapes only, not on the thread count or timing.
+//
+// The filter gradient of a 3×3 conv (stride 1, zero padding 1) on NHWC maps is nine such
+// matmuls, one per tap (dy, dx), each over the input shifted by that tap:
+//
+//   dK[dy, dx, c, f] = sum_{b,i,j} x[b, i + dy - 1, j + dx - 1, c] g[b, i, j, f]
+//
+// XLA:CPU runs it as a convolution whose window is the whole map, after transposing x and g
+// to put the batch innermost. Here the caller pads x by (1, 2) rows and (1, 1) columns and g
+// by 2 zero columns on the right, both Wp = W + 2 wide: output pixel q = i Wp + j of an image
+// then reads tap (dy, dx) at padded pixel q + dy Wp + dx, one fixed offset per tap, so each tap
+// is the dense case above with x's rows shifted (the padded columns of g are zero and cancel
+// what the shift wraps into the next row; the second bottom row of x keeps it inside the
+// image).
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -131,6 +144,56 @@ static ffi::Error DenseGrads(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   AddInOrder(pp + n, chunks, n + f_total, f_total, db->typed_data());
   return ffi::Error::Success();
 }
+
+static ffi::Error Conv3x3FilterGrads(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xpad,
+                                     ffi::Buffer<ffi::F32> gpad,
+                                     ffi::ResultBuffer<ffi::F32> dk) {
+  const auto xd = xpad.dimensions(), gd = gpad.dimensions();
+  if (xd.size() != 4 || gd.size() != 4 || xd[0] != gd[0] || xd[1] != gd[1] + 3 ||
+      xd[2] != gd[2] || gd[2] < 3)
+    return ffi::Error::InvalidArgument(
+        "effvit 3x3 conv filter gradient: expected x padded to (B, H + 3, W + 2, C) and g to "
+        "(B, H, W + 2, F)");
+  const int64_t wp = gd[2], c_total = xd[3], f_total = gd[3];
+  const int64_t q_image = gd[1] * wp, x_image = xd[1] * wp, p_total = gd[0] * q_image;
+  const float *xp = xpad.typed_data(), *gp = gpad.typed_data();
+  const int64_t c_blocks = std::max<int64_t>(1, CeilDiv(c_total, kBlockC));
+  const int64_t block_c = CeilDiv(CeilDiv(c_total, c_blocks), kRowsPerTile) * kRowsPerTile;
+  // Nine times the work of a dense gradient per row: fewer, larger chunks (fewer partials).
+  const int64_t chunks = std::clamp<int64_t>(
+      std::min<int64_t>(16 / c_blocks, p_total / 512), 1, kChunks);
+  // g's rows and the x rows of all nine taps (2 Wp + 2 more) stay in L2 across the taps.
+  const int64_t block_rows = std::clamp<int64_t>(
+      kBlockBytes / (4 * (std::min(block_c, c_total) + f_total)) - 2 * wp - 2, 16, 1024);
+  const int64_t n = 9 * c_total * f_total;
+  std::vector<float> partial(chunks * n, 0.f);
+  float* pp = partial.data();
+  ParallelFor(pool, chunks * c_blocks, [=](int64_t task) {
+    const int64_t chunk = task / c_blocks, cb = task % c_blocks;
+    const int64_t begin = p_total * chunk / chunks, end = p_total * (chunk + 1) / chunks;
+    const int64_t c0 = cb * block_c, cn = std::min(block_c, c_total - c0);
+    float* out = pp + chunk * n;
+    for (int64_t r = begin; r < end;) {
+      const int64_t b = r / q_image, q = r % q_image;
+      const int64_t rows = std::min({block_rows, end - r, q_image - q});
+      for (int64_t tap = 0; tap < 9; ++tap) {
+        const int64_t shift = (tap / 3) * wp + tap % 3;
+        Accumulate(xp + (b * x_image + q + shift) * c_total + c0, c_total, gp + r * f_total,
+                   f_total, rows, cn, out + (tap * c_total + c0) * f_total);
+      }
+      r += rows;
+    }
+  });
+  AddInOrder(pp, chunks, n, n, dk->typed_data());
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffvitConv3x3FilterGradsF32, Conv3x3FilterGrads,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x, padded
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // g, padded
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // dK (3, 3, C, F)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EffvitDenseGradsF32, DenseGrads,
                               ffi::Ffi::Bind()

@@ -39,7 +39,7 @@ import flax.linen as nn
 
 from effvit.attention.split import SplitAttention, attention_width
 from effvit.errors import ConfigError
-from effvit.layers import BatchNorm, Dense, DropPath, PatchConv, conv_init
+from effvit.layers import BatchNorm, Dense, DropPath, GroupedConv, PatchConv, conv_init
 from effvit.models.pyramid import resolve_dtype
 from effvit.models.registry import build_from_table, register
 from effvit.pooling import avg_pool, max_pool
@@ -126,8 +126,9 @@ class ResNeSt(nn.Module):
       # As in PyTorch: split attention's bn1 normalises the pooled (B, A) context over B.
       raise ConfigError("train=True needs a batch of at least 2 images: BatchNorm over the "
                         "pooled split-attention context has one value per channel otherwise")
-    conv = lambda f, name, stride=1: nn.Conv(
-        f, (3, 3), strides=stride, padding=1, use_bias=False, kernel_init=conv_init(),
+    # nn.Conv's parameters; stride 1 gets the C++ filter gradient (effvit.layers.conv3x3).
+    conv = lambda f, name, stride=1: GroupedConv(
+        f, 3, strides=stride, padding=1, use_bias=False, kernel_init=conv_init(),
         dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
     norm = lambda name: BatchNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
 
