@@ -99,6 +99,13 @@ void Accumulate(const float* x, int64_t ldx, const float* g, int64_t f_total, in
 
 int64_t CeilDiv(int64_t n, int64_t m) { return (n + m - 1) / m; }
 
+// C in near-equal blocks of whole register tiles, at most kBlockC each.
+int64_t ChannelBlocks(int64_t c_total) { return std::max<int64_t>(1, CeilDiv(c_total, kBlockC)); }
+
+int64_t BlockChannels(int64_t c_total) {
+  return CeilDiv(CeilDiv(c_total, ChannelBlocks(c_total)), kRowsPerTile) * kRowsPerTile;
+}
+
 }  // namespace
 
 static ffi::Error DenseGrads(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -110,10 +117,9 @@ static ffi::Error DenseGrads(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         "effvit dense gradient: expected x (P, C) and g (P, F) with the same P");
   const int64_t p_total = xd[0], c_total = xd[1], f_total = gd[1];
   const float *xp = x.typed_data(), *gp = g.typed_data();
-  // C in near-equal blocks of whole register tiles, at most kBlockC each; rows in chunks of
-  // at least 512 (fewer partials to add), enough chunks x blocks for the threads to balance.
-  const int64_t c_blocks = std::max<int64_t>(1, CeilDiv(c_total, kBlockC));
-  const int64_t block_c = CeilDiv(CeilDiv(c_total, c_blocks), kRowsPerTile) * kRowsPerTile;
+  // Rows in chunks of at least 512 (fewer partials to add), enough chunks x blocks for the
+  // threads to balance.
+  const int64_t c_blocks = ChannelBlocks(c_total), block_c = BlockChannels(c_total);
   const int64_t chunks = std::clamp<int64_t>(
       std::min<int64_t>(32 / c_blocks, p_total / 512), 1, kChunks);
   const int64_t block_rows = std::clamp<int64_t>(
@@ -157,8 +163,7 @@ static ffi::Error Conv3x3FilterGrads(ffi::ThreadPool pool, ffi::Buffer<ffi::F32>
   const int64_t wp = gd[2], c_total = xd[3], f_total = gd[3];
   const int64_t q_image = gd[1] * wp, x_image = xd[1] * wp, p_total = gd[0] * q_image;
   const float *xp = xpad.typed_data(), *gp = gpad.typed_data();
-  const int64_t c_blocks = std::max<int64_t>(1, CeilDiv(c_total, kBlockC));
-  const int64_t block_c = CeilDiv(CeilDiv(c_total, c_blocks), kRowsPerTile) * kRowsPerTile;
+  const int64_t c_blocks = ChannelBlocks(c_total), block_c = BlockChannels(c_total);
   // Nine times the work of a dense gradient per row: fewer, larger chunks (fewer partials).
   const int64_t chunks = std::clamp<int64_t>(
       std::min<int64_t>(16 / c_blocks, p_total / 512), 1, kChunks);
