@@ -14,8 +14,9 @@ and block indices dropped, so the 3 + 4 + 6 + 3 blocks of a model add up per lay
     988  14.9%  bwd   mlp/dwconv          reduce_sum
 
 `bwd` marks ops of the gradient (XLA names them transpose(jvp(...))). Each instant of the
-traced step is shared among the ops running then (convolutions run asynchronously, on pool
-threads the trace does not see: see traced_op_ms), so the shares add up to the wall time.
+traced step is shared among the ops running then, and convolutions, which run asynchronously
+on pool threads the trace does not see, get the instants where no other op runs (see
+traced_op_ms), so the shares add up to the wall time.
 XLA's filter-gradient convolutions carry no op_name; they are listed as `-  convolution`.
 Glibc's allocator is tuned first (effvit.profile.tune_cpu_allocator), as in compare_timm.py.
 """
@@ -51,16 +52,17 @@ def op_names(hlo_text: str) -> dict[str, str]:
   return names
 
 
-def traced_op_ms(call, trace_dir: str) -> collections.Counter:
+def traced_op_ms(call, trace_dir: str, async_ops=frozenset()) -> collections.Counter:
   """{op name: ms of wall time} of the XLA ops executed during one `call()`.
 
   Most XLA:CPU ops run on the thunk executor's thread and split their work over the pool
-  themselves. Convolutions (Eigen) and some library fusions run asynchronously: the trace
-  shows their dispatch `X` and, later, their completion `end: X`, while the work in between
-  runs on pool threads that record nothing. An op therefore spans from its first event to the
-  end of its last `end:` event, and every moment of the step is shared equally among the ops
-  running then, so the shares add up to the traced wall time; moments with no op running are
-  counted as "(idle)".
+  themselves: their trace event is their run. Convolutions (Eigen; `async_ops`, named by the
+  caller from the HLO) run asynchronously: the trace shows their dispatch `X` and, later,
+  `end: X`, while the work in between runs on pool threads that record nothing. So each
+  instant is shared among the synchronous ops running then; an instant with none goes to the
+  asynchronous ops in flight (dispatched, not yet ended), and with neither to "(idle)". The
+  shares add up to the traced wall time. (Synchronous ops get `end:` events too, sometimes
+  tens of ms after their event ends, so those are not used as their ends.)
   """
   import jax
   from tensorflow.tsl.profiler.protobuf import xplane_pb2
@@ -83,35 +85,44 @@ def traced_op_ms(call, trace_dir: str) -> collections.Counter:
         t0 = 1000 * line.timestamp_ns + e.offset_ps
         events.append((t0, t0 + e.duration_ps, name.removeprefix("end: "),
                        name.startswith("end: ")))
-  return wall_shares(op_runs(events))
+  return wall_shares(op_runs(events, async_ops), async_ops)
 
 
-def op_runs(events) -> dict:
+def op_runs(events, async_ops=frozenset()) -> dict:
   """{op: [[start, end], ...] per execution} from trace events (start, end, op, is_end): an
-  `end: X` event closes X's latest run, which then lasts until that completion."""
+  `end: X` event of an asynchronous op X closes X's latest run; other `end:` events are
+  dropped."""
   runs = collections.defaultdict(list)
   for t0, t1, name, is_end in sorted(events):
-    if is_end and runs[name]:
-      runs[name][-1][1] = max(runs[name][-1][1], t1)
-    else:
+    if not is_end:
       runs[name].append([t0, t1])
+    elif name in async_ops and runs[name]:
+      runs[name][-1][1] = max(runs[name][-1][1], t1)
   return dict(runs)
 
 
-def wall_shares(runs: dict) -> collections.Counter:
+def wall_shares(runs: dict, background=frozenset()) -> collections.Counter:
   """{op: ms}: each instant from the first start to the last end is split equally among the
-  ops with a run [start, end] (ps) containing it; instants covered by none go to "(idle)"."""
+  ops with a run [start, end] (ps) containing it, `background` ops only where no other op
+  runs; instants covered by none go to "(idle)"."""
   edges = sorted((t, kind, op) for op, rs in runs.items() for t0, t1 in rs
                  for t, kind in ((t0, 1), (t1, -1)))
   shares, active, last = collections.Counter(), collections.Counter(), None
   for t, kind, op in edges:
-    live = +active
+    live = [a for a, n in active.items() if n > 0]
+    live = [a for a in live if a not in background] or live or ["(idle)"]
     if last is not None and t > last:
-      for a in live or ("(idle)",):
-        shares[a] += (t - last) / 1e9 / max(len(live), 1)
+      for a in live:
+        shares[a] += (t - last) / 1e9 / len(live)
     active[op] += kind
     last = t
   return shares
+
+
+def convolutions(hlo_text: str) -> frozenset:
+  """Names of the HLO's convolution instructions (XLA:CPU runs them asynchronously)."""
+  return frozenset(re.findall(r"^\s*(?:ROOT )?%?([\w.\-]+) = \S+ convolution\(", hlo_text,
+                              re.MULTILINE))
 
 
 def group_key(op: str, scope: str) -> tuple[str, str, str]:
@@ -133,13 +144,14 @@ def main(argv=None):
   from effvit.benchmark_utils import EffvitRunner
   runner = EffvitRunner.from_name(args.model, {}, args.batch, args.res, args.dtype)
   call = runner.train if args.mode == "train" else runner.infer
-  scopes = op_names(runner.compiled[args.mode].as_text())
+  hlo = runner.compiled[args.mode].as_text()
+  scopes = op_names(hlo)
   for _ in range(3):
     call()
   t = time.perf_counter()
   call()
   wall = time.perf_counter() - t
-  ops = traced_op_ms(call, tempfile.mkdtemp(prefix="effvit-op-profile-"))
+  ops = traced_op_ms(call, tempfile.mkdtemp(prefix="effvit-op-profile-"), convolutions(hlo))
   total = sum(ops.values())
   print(f"{args.model} {args.mode} {args.dtype} batch {args.batch} at {args.res}px: "
         f"{1e3 * wall:.0f} ms per step untraced; {len(ops)} XLA ops, {total:.0f} ms traced")
