@@ -58,21 +58,28 @@ def test_dense_gradients_same_with_and_without_the_kernel(use_bias, dtype, monke
   variables = module.init(jax.random.key(0), x)
   if use_bias:
     variables["params"]["bias"] = jnp.asarray(rng.standard_normal(24), jnp.float32)
+  assert_same_with_and_without_kernels(module, variables, x, g, "effvit_dense_grads_f32",
+                                       monkeypatch, tol=1e-5)
+
+
+def assert_same_with_and_without_kernels(module, variables, x, g, target, monkeypatch, tol):
+  """module's output and gradients (given output gradient g) with the C++ kernels on, whose
+  backward then calls `target`, and off (XLA's path): equal within tol, in the same dtypes,
+  and the kernel's gradient float32."""
   results = []
   for kernels in ("1", "0"):
     monkeypatch.setenv("EFFVIT_CPU_KERNELS", kernels)
     fn = jax.jit(lambda v, x: module.apply(v, x))   # traced again for each setting
     backward = jax.jit(lambda v, x: jax.vjp(fn, v, x)[1](g))
-    assert ("effvit_dense_grads_f32" in backward.lower(variables, x).as_text()) == (
-        kernels == "1")
+    assert (target in backward.lower(variables, x).as_text()) == (kernels == "1")
     y, vjp = jax.vjp(fn, variables, x)
     results.append((y, *vjp(g)))
   assert jax.tree.structure(results[0]) == jax.tree.structure(results[1])
   assert results[0][1]["params"]["kernel"].dtype == jnp.float32
   for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
     assert a.dtype == b.dtype
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol,
+                               atol=tol)
 
 
 def test_kernel_is_off_for_bfloat16_and_on_several_devices():
@@ -132,18 +139,6 @@ def test_grouped_conv_gradients_same_with_and_without_the_filter_kernel(
   x = jnp.asarray(rng.standard_normal((2, 6, 9, 8)), dtype)
   g = jnp.asarray(rng.standard_normal((2, 6, 9, 12)), dtype)
   variables = module.init(jax.random.key(0), x)
-  results = []
-  for kernels in ("1", "0"):
-    monkeypatch.setenv("EFFVIT_CPU_KERNELS", kernels)
-    fn = jax.jit(lambda v, x: module.apply(v, x))   # traced again for each setting
-    backward = jax.jit(lambda v, x: jax.vjp(fn, v, x)[1](g))
-    assert ("effvit_conv3x3_filter_grads_f32" in backward.lower(variables, x).as_text()) == (
-        kernels == "1")
-    y, vjp = jax.vjp(fn, variables, x)
-    results.append((y, *vjp(g)))
-  assert results[0][1]["params"]["kernel"].dtype == jnp.float32
-  tol = 1e-5 if dtype == jnp.float32 else 2e-2
-  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
-    assert a.dtype == b.dtype
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol,
-                               atol=tol)
+  assert_same_with_and_without_kernels(module, variables, x, g,
+                                       "effvit_conv3x3_filter_grads_f32", monkeypatch,
+                                       tol=1e-5 if dtype == jnp.float32 else 2e-2)
