@@ -53,8 +53,8 @@ import numpy as np
 
 _DIR = pathlib.Path(__file__).parent
 _SOURCES = (_DIR / "depthwise_conv3x3.cc", _DIR / "layer_norm.cc", _DIR / "batch_norm.cc",
-            _DIR / "dense_grads.cc")
-_HEADERS = (_DIR / "common.h",)
+            _DIR / "dense_grads.cc", _DIR / "convffn.cc")
+_HEADERS = (_DIR / "common.h", _DIR / "conv_gelu.h", _DIR / "matmul_tiles.h")
 # FFI target name -> symbol in the library
 _TARGETS = {"effvit_depthwise_conv3x3_bwd_f32": "EffvitDepthwiseConv3x3BwdF32",
             "effvit_depthwise_conv3x3_bias_gelu_f32": "EffvitDepthwiseConv3x3BiasGeluF32",
@@ -64,7 +64,8 @@ _TARGETS = {"effvit_depthwise_conv3x3_bwd_f32": "EffvitDepthwiseConv3x3BwdF32",
             "effvit_batch_norm_f32": "EffvitBatchNormF32",
             "effvit_batch_norm_bwd_f32": "EffvitBatchNormBwdF32",
             "effvit_dense_grads_f32": "EffvitDenseGradsF32",
-            "effvit_conv3x3_filter_grads_f32": "EffvitConv3x3FilterGradsF32"}
+            "effvit_conv3x3_filter_grads_f32": "EffvitConv3x3FilterGradsF32",
+            "effvit_convffn_f32": "EffvitConvFfnF32"}
 # -march=native: the build is per machine (the cache key includes the CPU's flags).
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -256,3 +257,15 @@ def conv3x3_filter_grads(x: jax.Array, g: jax.Array):
   return _call("effvit_conv3x3_filter_grads_f32",
                (jax.ShapeDtypeStruct((3, 3, x.shape[3], g.shape[3]), jnp.float32),), xpad,
                gpad)[0]
+
+
+def convffn(x: jax.Array, w1: jax.Array, b1: jax.Array, kernel: jax.Array, bias: jax.Array,
+            w2: jax.Array, b2: jax.Array):
+  """PVTv2's ConvFFN, gelu(depthwise_conv3x3(x W1 + b1, kernel) + bias) W2 + b2, of NHWC float32
+  `x` ((B, H, W, C); W1 (C, D), kernel (3, 3, D), W2 (D, F)) in one pass (convffn.cc), or None
+  where the kernels are not usable or an operand is not float32."""
+  args = (x, w1, b1, kernel, bias, w2, b2)
+  if x.ndim != 4 or any(a.dtype != jnp.float32 for a in args) or not usable(*args):
+    return None
+  out = jax.ShapeDtypeStruct(x.shape[:3] + w2.shape[1:], jnp.float32)
+  return jax.ffi.ffi_call("effvit_convffn_f32", out, vmap_method="sequential")(*args)

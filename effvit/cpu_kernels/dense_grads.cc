@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "common.h"
+#include "matmul_tiles.h"
 
 namespace ffi = xla::ffi;
 
@@ -39,63 +40,6 @@ using namespace effvit;
 constexpr int64_t kRowsPerTile = 6;    // the tiles' heights divide multiples of 6 (6, 12, 24)
 constexpr int64_t kBlockC = 48;        // channels per task
 constexpr int64_t kBlockBytes = 1 << 19;   // x and g rows read per pass: half of L2
-
-// out[i, 16 j + l] += sum_p x[p, i] g[p, 16 j + l] for i < MR, j < NV, rows p < rows.
-template <int MR, int NV>
-__attribute__((optimize("fp-contract=fast")))
-void Tile(const float* x, int64_t ldx, const float* g, int64_t ldg, int64_t rows, float* out,
-          int64_t ldo) {
-  Vec16 acc[MR][NV];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NV; ++j) acc[i][j] = Load<Vec16>(out + i * ldo + 16 * j);
-  for (int64_t p = 0; p < rows; ++p) {
-    const float* xr = x + p * ldx;
-    const float* gr = g + p * ldg;
-    Vec16 gv[NV];
-    for (int j = 0; j < NV; ++j) gv[j] = Load<Vec16>(gr + 16 * j);
-    for (int i = 0; i < MR; ++i) {
-      const float xv = xr[i];
-      for (int j = 0; j < NV; ++j) acc[i][j] += xv * gv[j];
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NV; ++j) Store<Vec16>(out + i * ldo + 16 * j, acc[i][j]);
-}
-
-// Tile<m, NV> for m = mr <= MR, picked at run time (the last tile of a block has fewer rows).
-template <int MR, int NV>
-void TileRows(int64_t mr, const float* x, int64_t ldx, const float* g, int64_t ldg,
-              int64_t rows, float* out, int64_t ldo) {
-  if constexpr (MR > 1)
-    if (mr < MR) return TileRows<MR - 1, NV>(mr, x, ldx, g, ldg, rows, out, ldo);
-  Tile<MR, NV>(x, ldx, g, ldg, rows, out, ldo);
-}
-
-// out[c, f] += sum_p x[p, c] g[p, f] over f in [f0, f0 + 16 NV), c < cn, rows [0, rows): 24
-// accumulators a tile (MR x NV = 6 x 4 or 12 x 2), enough to hide the FMA latency.
-template <int NV>
-void Columns(const float* x, int64_t ldx, const float* g, int64_t f_total, int64_t f0,
-             int64_t rows, int64_t cn, float* out) {
-  constexpr int MR = 24 / NV;
-  for (int64_t c = 0; c < cn; c += MR)
-    TileRows<MR, NV>(std::min<int64_t>(MR, cn - c), x + c, ldx, g + f0, f_total, rows,
-                     out + c * f_total + f0, f_total);
-}
-
-// out[c, f] += sum_p x[p, c] g[p, f] over rows [0, rows), c < cn, f < F.
-void Accumulate(const float* x, int64_t ldx, const float* g, int64_t f_total, int64_t rows,
-                int64_t cn, float* out) {
-  int64_t f = 0;
-  for (; f + 64 <= f_total; f += 64) Columns<4>(x, ldx, g, f_total, f, rows, cn, out);
-  for (; f + 32 <= f_total; f += 32) Columns<2>(x, ldx, g, f_total, f, rows, cn, out);
-  for (; f + 16 <= f_total; f += 16) Columns<1>(x, ldx, g, f_total, f, rows, cn, out);
-  for (; f < f_total; ++f)   // F not a multiple of 16 (a classifier's 1000 classes)
-    for (int64_t c = 0; c < cn; ++c) {
-      float s = 0.f;
-      for (int64_t p = 0; p < rows; ++p) s += x[p * ldx + c] * g[p * f_total + f];
-      out[c * f_total + f] += s;
-    }
-}
 
 int64_t CeilDiv(int64_t n, int64_t m) { return (n + m - 1) / m; }
 
@@ -134,8 +78,9 @@ static ffi::Error DenseGrads(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     float* out = pp + chunk * (n + f_total);
     for (int64_t r = begin; r < end; r += block_rows) {
       const int64_t rows = std::min(block_rows, end - r);
-      Accumulate(xp + r * c_total + c0, c_total, gp + r * f_total, f_total, rows, cn,
-                 out + c0 * f_total);
+      float* o = out + c0 * f_total;
+      MatmulTiles(Transposed{xp + r * c_total + c0, c_total}, gp + r * f_total, f_total, rows,
+                  cn, o, f_total, o);
       if (cb == 0) {
         float* dbp = out + n;
         for (int64_t q = r; q < r + rows; ++q)
@@ -183,8 +128,9 @@ static ffi::Error Conv3x3FilterGrads(ffi::ThreadPool pool, ffi::Buffer<ffi::F32>
       const int64_t rows = std::min({block_rows, end - r, q_image - q});
       for (int64_t tap = 0; tap < 9; ++tap) {
         const int64_t shift = (tap / 3) * wp + tap % 3;
-        Accumulate(xp + (b * x_image + q + shift) * c_total + c0, c_total, gp + r * f_total,
-                   f_total, rows, cn, out + (tap * c_total + c0) * f_total);
+        float* o = out + (tap * c_total + c0) * f_total;
+        MatmulTiles(Transposed{xp + (b * x_image + q + shift) * c_total + c0, c_total},
+                    gp + r * f_total, f_total, rows, cn, o, f_total, o);
       }
       r += rows;
     }

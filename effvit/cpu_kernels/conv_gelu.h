@@ -1,0 +1,143 @@
+// The 3x3 depthwise conv and exact GELU at one pixel, vectorised over channels, and GELU's
+// math (erf, exp, the normal CDF): shared by the depthwise-conv kernels and the fused ConvFFN.
+// A conv reads three rows of its input map, given as pointers (nullptr above or below the
+// map), so a caller can keep the rows it needs in a ring of its own.
+#ifndef EFFVIT_CPU_KERNELS_CONV_GELU_H_
+#define EFFVIT_CPU_KERNELS_CONV_GELU_H_
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "common.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace effvit {
+
+// 1 / q: a vector division is slow (a fifth of the forward's time on Zen 4); with AVX-512 the
+// 14-bit estimate plus one Newton step (relative error ~1e-7) instead.
+template <typename V>
+inline V Reciprocal(V q) {
+#if defined(__AVX512F__)
+  if constexpr (!std::is_same_v<V, float>) {
+    V r;
+    const __m512 e = _mm512_rcp14_ps(Load<__m512>(reinterpret_cast<const float*>(&q)));
+    std::memcpy(&r, &e, sizeof r);
+    return r * (2.f - q * r);
+  }
+#endif
+  return 1.f / q;
+}
+
+// erf as x * P(x^2) / Q(x^2) on [-4, 4] (|error| < 5e-7; erf(4) rounds to 1 in float32).
+template <typename V>
+inline V Erf(V x) {
+  x = x < -4.f ? V{} - 4.f : x;
+  x = x > 4.f ? V{} + 4.f : x;
+  const V x2 = x * x;
+  V p = V{} - 2.72614225801306e-10f;
+  for (float a : {2.77068142495902e-08f, -2.10102402082508e-06f, -5.69250639462346e-05f,
+                  -7.34990630326855e-04f, -2.95459980854025e-03f, -1.60960333262415e-02f})
+    p = p * x2 + a;
+  V q = V{} - 1.45660718464996e-05f;
+  for (float b : {-2.13374055278905e-04f, -1.68282697438203e-03f, -7.37332916720468e-03f,
+                  -1.42647390514189e-02f})
+    q = q * x2 + b;
+  return x * p * Reciprocal<V>(q);
+}
+
+// exp(x) for x <= 0 (|relative error| < 2e-7): 2^n * e^r with r = x - n ln2, |r| <= ln2 / 2.
+template <typename V>
+inline V ExpNonPositive(V x) {
+  if constexpr (std::is_same_v<V, float>) {
+    return std::exp(x);
+  } else {
+    typedef int32_t IVec16 __attribute__((vector_size(64), aligned(4)));
+    x = x < -87.f ? V{} - 87.f : x;   // 2^n stays a normal float
+    const V shifter = V{} + 12582912.f;   // 1.5 * 2^23: adding it rounds to an integer
+    const V n = (x * 1.44269504088896341f + shifter) - shifter;
+    const V r = (x - n * 0.693359375f) + n * 2.12194440e-4f;   // ln2 in two parts
+    V p = V{} + 1.f / 720;
+    for (float a : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = p * r + a;
+    const IVec16 bits = (__builtin_convertvector(n, IVec16) + 127) << 23;
+    V scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+  }
+}
+
+// h = h0 + conv at column s of the row whose neighbourhood is rows[0..2] (rows y - 1, y, y + 1;
+// nullptr outside the map), w pixels of c channels each, lanes of V from c0. kv: the 9 taps;
+// h0: bias + in_bias * sum of the taps, kb: in_bias * each tap, taken back where a tap falls
+// outside the map, whose padding is zero.
+template <typename V>
+inline V ConvAt(const float* const rows[3], int64_t w, int64_t c, const V kv[9], const V kb[9],
+                V h0, int64_t s, int64_t c0) {
+  V h = h0;
+  for (int i = 0; i < 3; ++i) {
+    for (int j = 0; j < 3; ++j) {
+      const int64_t sx = s + j - 1;
+      if (rows[i] != nullptr && sx >= 0 && sx < w)
+        h += Load<V>(rows[i] + sx * c + c0) * kv[i * 3 + j];
+      else
+        h -= kb[i * 3 + j];
+    }
+  }
+  return h;
+}
+
+// ConvAt for a pixel whose 9 taps all fall inside the map: no bounds checks (~8% of the
+// forward's time).
+template <typename V>
+inline V ConvInside(const float* const rows[3], int64_t c, const V kv[9], V h0, int64_t s,
+                    int64_t c0) {
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j) h0 += Load<V>(rows[i] + (s + j - 1) * c + c0) * kv[i * 3 + j];
+  return h0;
+}
+
+// Phi(h), the standard normal CDF: GELU(h) = h * Phi(h).
+template <typename V>
+inline V Cdf(V h) {
+  return 0.5f * (1.f + Erf<V>(h * 0.70710678118654752f));
+}
+
+// The row of y = gelu(h) whose input neighbourhood is rows[0..2] (w pixels, c channels) into
+// out_row; in_bias is fc1's bias (added to x inside the map; zeros without one) and h0 = bias +
+// in_bias * (sum of the taps) per channel. Pixel by pixel, every channel of a pixel before the
+// next: rows are often whole pages long (56 x 256 floats) and XLA places x and y at the same
+// offset within a page, so sweeping one channel block along the row (as the gradient does into
+// its ring) loaded x right behind stores to y at the same page offset, which the CPU must check
+// against each other (4K aliasing). pvt_v2_b0's ConvFFN alone (32 x 56 x 56, 256 hidden): 43 ->
+// 39 and 46 -> 38 ms; pvt_v2_b2's forward at batch 8: 468 -> 438 and 485 -> 462 ms
+// (alternating processes). Unaliased, the two orders are even.
+inline void GeluForwardRow(const float* const rows[3], int64_t w, int64_t c,
+                           const float* __restrict k, const float* __restrict h0,
+                           const float* __restrict in_bias, float* __restrict out_row) {
+  const bool rows_inside = rows[0] != nullptr && rows[2] != nullptr;
+  for (int64_t s = 0; s < w; ++s) {
+    const bool inside = rows_inside && s >= 1 && s + 1 < w;
+    ForChannelBlocks(c, [&](auto lane, int64_t c0) {
+      using V = decltype(lane);
+      V kv[9], kb[9];
+      for (int t = 0; t < 9; ++t) kv[t] = Load<V>(k + t * c + c0);
+      V h;
+      if (inside) {
+        h = ConvInside<V>(rows, c, kv, Load<V>(h0 + c0), s, c0);
+      } else {
+        const V ib = Load<V>(in_bias + c0);
+        for (int t = 0; t < 9; ++t) kb[t] = ib * kv[t];
+        h = ConvAt<V>(rows, w, c, kv, kb, Load<V>(h0 + c0), s, c0);
+      }
+      Store<V>(out_row + s * c + c0, h * Cdf<V>(h));
+    });
+  }
+}
+
+}  // namespace effvit
+
+#endif  // EFFVIT_CPU_KERNELS_CONV_GELU_H_

@@ -1,0 +1,97 @@
+"""The fused ConvFFN inference kernel (effvit/cpu_kernels/convffn.cc) against a float64
+fc1 -> 3×3 depthwise conv -> exact GELU -> fc2, and effvit.layers.Mlp with and without it."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effvit import cpu_kernels
+from effvit import layers
+from effvit.layers import Mlp
+
+needs_compiler = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no C++ compiler")
+_erf = np.vectorize(math.erf)
+
+
+def convffn_float64(x, w1, b1, kernel, bias, w2, b2):
+  x, w1, b1, kernel, bias, w2, b2 = (np.asarray(a, np.float64)
+                                     for a in (x, w1, b1, kernel, bias, w2, b2))
+  _, height, width, _ = x.shape
+  h = np.pad(x @ w1 + b1, ((0, 0), (1, 1), (1, 1), (0, 0)))   # zero padding after fc1's bias
+  conv = bias + sum(h[:, i:i + height, j:j + width] * kernel[i, j]
+                    for i in range(3) for j in range(3))
+  return conv * 0.5 * (1 + _erf(conv / math.sqrt(2))) @ w2 + b2
+
+
+def random_operands(rng, b, h, w, c, d, f):
+  normal = lambda *shape, scale=1.0: jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32)
+  return (normal(b, h, w, c), normal(c, d, scale=c ** -0.5), normal(d, scale=0.5),
+          normal(3, 3, d, scale=0.5), normal(d, scale=0.5), normal(d, f, scale=d ** -0.5),
+          normal(f, scale=0.5))
+
+
+# (B, H, W, C, D, F). Rows go in groups of 64 // W rows (at most H), images in bands of groups
+# when B < 8: a 1-pixel map; 7 wide (one group per image, 3 bands of 1 row ... 3); 14 wide with
+# H = 10 (groups of 4, a partial last one); 56 wide (one row a group, 8 bands: the ring of
+# rows and the rows of h that two bands both compute); channels below, at and past the 16-lane
+# vectors and the 16-, 32- and 64-wide matmul tiles.
+@needs_compiler
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1, 1), (2, 3, 7, 3, 20, 5),
+                                   (3, 10, 14, 8, 48, 16), (1, 9, 16, 5, 17, 33),
+                                   (9, 4, 3, 16, 32, 16), (1, 20, 56, 4, 96, 70)])
+def test_kernel_matches_float64(shape, single_device):
+  args = random_operands(np.random.default_rng(0), *shape)
+  ours = jax.jit(cpu_kernels.convffn)(*args)
+  assert ours is not None, "the kernel should build and apply here"
+  ref = convffn_float64(*args)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=2e-6 * np.abs(ref).max())
+
+
+@needs_compiler
+def test_images_do_not_depend_on_how_the_batch_is_split(single_device):
+  # Batch 4 gives each image 2 bands, one image alone 5 (its 5 groups of 4 rows): the rows of h
+  # next to a band's edge are computed in different tasks, with the same operations.
+  args = random_operands(np.random.default_rng(1), 4, 20, 16, 8, 64, 8)
+  fused = jax.jit(cpu_kernels.convffn)
+  whole = np.asarray(fused(*args))
+  for i in range(4):
+    np.testing.assert_array_equal(np.asarray(fused(args[0][i:i + 1], *args[1:]))[0], whole[i])
+  np.testing.assert_array_equal(np.asarray(fused(*args)), whole)
+
+
+def test_kernel_is_off_for_bfloat16_and_on_several_devices(monkeypatch):
+  args = random_operands(np.random.default_rng(2), 1, 2, 2, 3, 4, 3)
+  assert jax.device_count() == 8   # conftest
+  assert cpu_kernels.convffn(*args) is None
+  monkeypatch.setattr(cpu_kernels, "_single_device", lambda: True)
+  assert cpu_kernels.convffn(args[0].astype(jnp.bfloat16), *args[1:]) is None
+
+
+@needs_compiler
+@pytest.mark.parametrize("hw,dtype,deterministic,used", [
+    ((6, 16), jnp.float32, True, True),
+    ((16, 13), jnp.float32, True, False),   # narrower than CONVFFN_KERNEL_MIN_WIDTH
+    ((6, 16), jnp.bfloat16, True, False),
+    ((6, 16), jnp.float32, False, False)])  # training: fc1, conv and fc2 keep their gradients
+def test_mlp_uses_the_kernel_in_float32_inference_only(hw, dtype, deterministic, used,
+                                                       monkeypatch, single_device):
+  mlp = Mlp(40, dwconv=True, dtype=dtype)
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((2, hw[0] * hw[1], 24)), dtype)
+  variables = mlp.init(jax.random.key(0), x, hw)
+  params = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape) * 0.3, a.dtype),
+                        variables["params"])
+  apply = lambda p, x: mlp.apply({"params": p}, x, hw, deterministic=deterministic,
+                                 rngs={"dropout": jax.random.key(1)})
+  results = []
+  for min_width in (layers.CONVFFN_KERNEL_MIN_WIDTH, 10 ** 9):
+    monkeypatch.setattr(layers, "CONVFFN_KERNEL_MIN_WIDTH", min_width)
+    lowered = jax.jit(lambda p, x: apply(p, x)).lower(params, x)   # a new trace each time
+    results.append((lowered.compile()(params, x), "effvit_convffn_f32" in lowered.as_text()))
+  (fused, on), (unfused, off) = results
+  assert (on, off) == (used, False)
+  tol = 1e-5 if dtype == jnp.float32 else 0
+  np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(unfused, np.float32),
+                             rtol=tol, atol=tol)
