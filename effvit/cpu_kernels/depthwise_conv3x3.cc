@@ -61,17 +61,29 @@ void RowBlock(const Map& m, const float* __restrict xb, const float* const g[3],
     sum[t] = Load<V>(acc + t * c + c0);
   }
   V db{};
+  const bool row_inside = y >= 1 && y + 1 < m.h;
   for (int64_t s = 0; s < w; ++s) {
     const V go = Load<V>(g[1] + s * c + c0);
     V d{};
-    for (int i = 0; i < 3; ++i) {
-      const float* gr = g[2 - i];   // row y - i + 1
-      const int64_t rx = y + i - 1;
-      for (int j = 0; j < 3; ++j) {
-        const int64_t sg = s - j + 1, sx = s + j - 1;
-        if (gr != nullptr && sg >= 0 && sg < w) d += Load<V>(gr + sg * c + c0) * kv[i * 3 + j];
-        if (rx >= 0 && rx < m.h && sx >= 0 && sx < w)
-          sum[i * 3 + j] += go * Load<V>(xb + (rx * w + sx) * c + c0);
+    if (row_inside && s >= 1 && s + 1 < w) {   // all taps inside the map: no bounds checks
+      const float* xs = xb + ((y - 1) * w + s - 1) * c + c0;
+      for (int i = 0; i < 3; ++i) {
+        const float* gs = g[2 - i] + (s + 1) * c + c0;   // row y - i + 1, column s + 1
+        for (int j = 0; j < 3; ++j) {
+          d += Load<V>(gs - j * c) * kv[i * 3 + j];
+          sum[i * 3 + j] += go * Load<V>(xs + (i * w + j) * c);
+        }
+      }
+    } else {
+      for (int i = 0; i < 3; ++i) {
+        const float* gr = g[2 - i];   // row y - i + 1
+        const int64_t rx = y + i - 1;
+        for (int j = 0; j < 3; ++j) {
+          const int64_t sg = s - j + 1, sx = s + j - 1;
+          if (gr != nullptr && sg >= 0 && sg < w) d += Load<V>(gr + sg * c + c0) * kv[i * 3 + j];
+          if (rx >= 0 && rx < m.h && sx >= 0 && sx < w)
+            sum[i * 3 + j] += go * Load<V>(xb + (rx * w + sx) * c + c0);
+        }
       }
     }
     if (kBias) db += go;
