@@ -10,6 +10,7 @@ import pytest
 from effvit import cpu_kernels
 from effvit import layers
 from effvit.layers import Mlp
+from effvit.profile import count_macs
 
 needs_compiler = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no C++ compiler")
 _erf = np.vectorize(math.erf)
@@ -92,6 +93,12 @@ def test_mlp_uses_the_kernel_in_float32_inference_only(hw, dtype, deterministic,
     results.append((lowered.compile()(params, x), "effvit_convffn_f32" in lowered.as_text()))
   (fused, on), (unfused, off) = results
   assert (on, off) == (used, False)
+  # the MAC count (GFLOP/s in the benchmarks) sees through the fused call
+  macs = []
+  for min_width in (layers.CONVFFN_KERNEL_MIN_WIDTH, 10 ** 9):
+    monkeypatch.setattr(layers, "CONVFFN_KERNEL_MIN_WIDTH", min_width)
+    macs.append(count_macs(lambda p, x: apply(p, x), params, x))
+  assert macs[0] == macs[1] == 2 * hw[0] * hw[1] * (24 * 40 + 9 * 40 + 40 * 24)
   tol = 1e-5 if dtype == jnp.float32 else 0
   np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(unfused, np.float32),
                              rtol=tol, atol=tol)
