@@ -473,17 +473,45 @@ class DropPath(nn.Module):
 CONVFFN_KERNEL_MIN_WIDTH = 14
 
 
+def _convffn_layers(x, w1, b1, kernel, bias, w2, b2):
+  """The ConvFFN on an NHWC map as its three ops (fc1, the conv + bias + GELU, fc2)."""
+  h = linear(x.reshape(-1, x.shape[-1]), w1, b1).reshape(*x.shape[:3], -1)
+  u = depthwise_conv_gelu(h, kernel, bias)
+  return linear(u.reshape(-1, u.shape[-1]), w2, b2).reshape(*x.shape[:3], -1)
+
+
+@jax.custom_vjp
+def _convffn(x, w1, b1, kernel, bias, w2, b2):
+  return cpu_kernels.convffn(x, w1, b1, kernel, bias, w2, b2)
+
+
+def _convffn_fwd(*args):
+  return _convffn(*args), args
+
+
+def _convffn_bwd(args, g):
+  # a gradient of the inference path (saliency, attacks): the three ops' forward again, and
+  # their gradients
+  return jax.vjp(_convffn_layers, *args)[1](g)
+
+
+_convffn.defvjp(_convffn_fwd, _convffn_bwd)
+
+
 def fused_convffn(x: jax.Array, hw: tuple[int, int], fc1: nn.Module, conv: nn.Module,
                   fc2: nn.Module) -> jax.Array | None:
   """The ConvFFN fc2(gelu(conv(fc1(x)))) on tokens x in one C++ pass (cpu_kernels.convffn), from
   the bound layers' parameters; None where it does not apply (maps narrower than
-  CONVFFN_KERNEL_MIN_WIDTH, not float32, kernels unusable): the caller runs the layers."""
+  CONVFFN_KERNEL_MIN_WIDTH, not float32, kernels unusable): the caller runs the layers.
+  Differentiable: its gradient recomputes the three ops."""
   if hw[1] < CONVFFN_KERNEL_MIN_WIDTH:
     return None
   p1, pc, p2 = (m.variables["params"] for m in (fc1, conv, fc2))
-  y = cpu_kernels.convffn(tokens_to_map(x, hw), p1["kernel"], p1["bias"], pc["kernel"][:, :, 0],
-                          pc["bias"], p2["kernel"], p2["bias"])
-  return None if y is None else map_to_tokens(y)
+  args = (tokens_to_map(x, hw), p1["kernel"], p1["bias"], pc["kernel"][:, :, 0], pc["bias"],
+          p2["kernel"], p2["bias"])
+  if not cpu_kernels.convffn_applies(*args):
+    return None
+  return map_to_tokens(_convffn(*args))
 
 
 class Mlp(nn.Module):

@@ -102,3 +102,20 @@ def test_mlp_uses_the_kernel_in_float32_inference_only(hw, dtype, deterministic,
   tol = 1e-5 if dtype == jnp.float32 else 0
   np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(unfused, np.float32),
                              rtol=tol, atol=tol)
+
+
+@needs_compiler
+def test_gradient_through_the_inference_path_is_the_layers_gradient(monkeypatch, single_device):
+  """jax.grad of a deterministic forward (saliency maps, attacks) through the fused call."""
+  mlp = Mlp(40, dwconv=True)
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((2, 4 * 16, 24)), jnp.float32)
+  variables = mlp.init(jax.random.key(0), x, (4, 16))
+  loss = lambda v, x: jnp.sum(jnp.sin(mlp.apply(v, x, (4, 16))))
+  grads = []
+  for min_width in (layers.CONVFFN_KERNEL_MIN_WIDTH, 10 ** 9):
+    monkeypatch.setattr(layers, "CONVFFN_KERNEL_MIN_WIDTH", min_width)
+    lowered = jax.jit(jax.grad(lambda v, x: loss(v, x), (0, 1))).lower(variables, x)
+    assert ("effvit_convffn_f32" in lowered.as_text()) == (min_width < 100)
+    grads.append(lowered.compile()(variables, x))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), *grads)

@@ -264,13 +264,19 @@ def conv3x3_filter_grads(x: jax.Array, g: jax.Array):
                gpad)[0]
 
 
+def convffn_applies(x: jax.Array, *params: jax.Array) -> bool:
+  """Whether `convffn` runs for NHWC `x` and these parameters: all float32, and usable."""
+  return (x.ndim == 4 and all(a.dtype == jnp.float32 for a in (x, *params))
+          and usable(x, *params))
+
+
 def convffn(x: jax.Array, w1: jax.Array, b1: jax.Array, kernel: jax.Array, bias: jax.Array,
             w2: jax.Array, b2: jax.Array):
   """PVTv2's ConvFFN, gelu(depthwise_conv3x3(x W1 + b1, kernel) + bias) W2 + b2, of NHWC float32
   `x` ((B, H, W, C); W1 (C, D), kernel (3, 3, D), W2 (D, F)) in one pass (convffn.cc), or None
-  where the kernels are not usable or an operand is not float32."""
+  where convffn_applies does not hold. No gradient: see effvit.layers.fused_convffn."""
   args = (x, w1, b1, kernel, bias, w2, b2)
-  if x.ndim != 4 or any(a.dtype != jnp.float32 for a in args) or not usable(*args):
+  if not convffn_applies(*args):
     return None
   out = jax.ShapeDtypeStruct(x.shape[:3] + w2.shape[1:], jnp.float32)
   return jax.ffi.ffi_call("effvit_convffn_f32", out, vmap_method="sequential")(*args)
