@@ -1,5 +1,6 @@
-"""The fused ConvFFN inference kernel (effvit/cpu_kernels/convffn.cc) against a float64
-fc1 -> 3×3 depthwise conv -> exact GELU -> fc2, and effvit.layers.Mlp with and without it."""
+"""The fused ConvFFN and MLP inference kernels (effvit/cpu_kernels/convffn.cc) against a
+float64 fc1 -> [3×3 depthwise conv ->] exact GELU -> fc2, and effvit.layers.Mlp with and without
+them."""
 import math
 
 import jax
@@ -119,3 +120,43 @@ def test_gradient_through_the_inference_path_is_the_layers_gradient(monkeypatch,
     assert ("effvit_convffn_f32" in lowered.as_text()) == (min_width < 100)
     grads.append(lowered.compile()(variables, x))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), *grads)
+
+
+# P: below, at and past a task's block of rows (128 at D <= 512, 24 at D = 4096); channels
+# past every tile width.
+@needs_compiler
+@pytest.mark.parametrize("p,c,d,f", [(1, 1, 1, 1), (130, 5, 17, 33), (300, 24, 96, 70),
+                                     (50, 8, 4096, 16)])
+def test_mlp_kernel_matches_float64(p, c, d, f, single_device):
+  x, w1, b1, _, _, w2, b2 = random_operands(np.random.default_rng(6), 1, 1, p, c, d, f)
+  x = x.reshape(p, c)
+  ours = jax.jit(cpu_kernels.mlp)(x, w1, b1, w2, b2)
+  assert ours is not None, "the kernel should build and apply here"
+  h = np.asarray(x, np.float64) @ np.asarray(w1, np.float64) + np.asarray(b1, np.float64)
+  ref = h * 0.5 * (1 + _erf(h / math.sqrt(2))) @ np.asarray(w2, np.float64) + np.asarray(b2)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=2e-6 * np.abs(ref).max())
+  assert cpu_kernels.mlp(x.astype(jnp.bfloat16), w1, b1, w2, b2) is None
+
+
+@needs_compiler
+@pytest.mark.parametrize("hidden,used", [(40, True), (4096, False)])   # the weights' limit
+def test_plain_mlp_uses_the_kernel_in_inference_with_the_layers_results(hidden, used,
+                                                                        monkeypatch,
+                                                                        single_device):
+  mlp = Mlp(hidden)
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.standard_normal((2, 30, 256)), jnp.float32)
+  variables = mlp.init(jax.random.key(0), x, (5, 6))
+  variables = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape) * 0.1, a.dtype),
+                           variables)
+  loss = lambda v, x: jnp.sum(jnp.sin(mlp.apply(v, x, (5, 6))))
+  results = []
+  for kernels in ("1", "0"):
+    monkeypatch.setenv("EFFVIT_CPU_KERNELS", kernels)
+    fwd = jax.jit(lambda v, x: mlp.apply(v, x, (5, 6))).lower(variables, x)
+    assert ("effvit_mlp_f32" in fwd.as_text()) == (used and kernels == "1")
+    macs = count_macs(lambda v, x: mlp.apply(v, x, (5, 6)), variables, x)
+    assert macs == 60 * (256 * hidden + hidden * 256)
+    results.append((fwd.compile()(variables, x),
+                    jax.jit(jax.grad(lambda v, x: loss(v, x), (0, 1)))(variables, x)))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), *results)

@@ -70,7 +70,8 @@ _TARGETS = {"effvit_depthwise_conv3x3_bwd_f32": "EffvitDepthwiseConv3x3BwdF32",
             "effvit_batch_norm_bwd_f32": "EffvitBatchNormBwdF32",
             "effvit_dense_grads_f32": "EffvitDenseGradsF32",
             "effvit_conv3x3_filter_grads_f32": "EffvitConv3x3FilterGradsF32",
-            "effvit_convffn_f32": "EffvitConvFfnF32"}
+            "effvit_convffn_f32": "EffvitConvFfnF32",
+            "effvit_mlp_f32": "EffvitMlpF32"}
 # -march=native: the build is per machine (the cache key includes the CPU's flags).
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -264,19 +265,30 @@ def conv3x3_filter_grads(x: jax.Array, g: jax.Array):
                gpad)[0]
 
 
-def convffn_applies(x: jax.Array, *params: jax.Array) -> bool:
-  """Whether `convffn` runs for NHWC `x` and these parameters: all float32, and usable."""
-  return (x.ndim == 4 and all(a.dtype == jnp.float32 for a in (x, *params))
-          and usable(x, *params))
+def float32_usable(*arrays: jax.Array) -> bool:
+  """Whether the float32-only kernels (`convffn`, `mlp`) can run on these arrays."""
+  return all(a.dtype == jnp.float32 for a in arrays) and usable(*arrays)
 
 
 def convffn(x: jax.Array, w1: jax.Array, b1: jax.Array, kernel: jax.Array, bias: jax.Array,
             w2: jax.Array, b2: jax.Array):
   """PVTv2's ConvFFN, gelu(depthwise_conv3x3(x W1 + b1, kernel) + bias) W2 + b2, of NHWC float32
   `x` ((B, H, W, C); W1 (C, D), kernel (3, 3, D), W2 (D, F)) in one pass (convffn.cc), or None
-  where convffn_applies does not hold. No gradient: see effvit.layers.fused_convffn."""
+  where x is not 4-D or float32_usable does not hold. No gradient: see
+  effvit.layers.fused_convffn."""
   args = (x, w1, b1, kernel, bias, w2, b2)
-  if not convffn_applies(*args):
+  if x.ndim != 4 or not float32_usable(*args):
     return None
   out = jax.ShapeDtypeStruct(x.shape[:3] + w2.shape[1:], jnp.float32)
   return jax.ffi.ffi_call("effvit_convffn_f32", out, vmap_method="sequential")(*args)
+
+
+def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array):
+  """The transformer MLP gelu(x W1 + b1) W2 + b2 (exact GELU) of float32 rows `x` ((P, C))
+  in one pass (convffn.cc), or None where x is not 2-D or float32_usable does not hold. No
+  gradient: see effvit.layers.fused_mlp."""
+  args = (x, w1, b1, w2, b2)
+  if x.ndim != 2 or not float32_usable(*args):
+    return None
+  out = jax.ShapeDtypeStruct((x.shape[0], w2.shape[1]), jnp.float32)
+  return jax.ffi.ffi_call("effvit_mlp_f32", out, vmap_method="sequential")(*args)

@@ -1,4 +1,5 @@
-// PVTv2's ConvFFN for inference, in one pass over the image:
+// PVTv2's ConvFFN for inference, in one pass over the image (and, at the end, the plain
+// transformer MLP of PVTv1 and Twins, y = gelu(x W1 + b1) W2 + b2, in one pass over the rows):
 //
 //   h = x W1 + b1                      (B, H, W, D), D = 4-8 C hidden channels
 //   u = gelu(dwconv3x3(h) + kb)        zero padding, exact GELU
@@ -101,6 +102,49 @@ static ffi::Error ConvFfn(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   });
   return ffi::Error::Success();
 }
+
+// The plain MLP: blocks of rows of x (P, C) in tasks, each block's h = x W1 + b1 kept in cache
+// (at most 256 KB), GELU applied there, y = u W2 + b2 written. Rows are independent, so the
+// blocking does not change results.
+static ffi::Error Mlp(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w1,
+                      ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> w2,
+                      ffi::Buffer<ffi::F32> b2, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions();
+  if (!IsRows(xd) || !IsMatrix(w1.dimensions(), xd[1]))
+    return ffi::Error::InvalidArgument("effvit MLP: expected x (P, C), W1 (C, D)");
+  const int64_t p = xd[0], c = xd[1], d = w1.dimensions()[1];
+  if (!IsVector(b1.dimensions(), d) || !IsMatrix(w2.dimensions(), d) ||
+      !IsVector(b2.dimensions(), w2.dimensions()[1]))
+    return ffi::Error::InvalidArgument("effvit MLP: expected b1 (D,), W2 (D, F), b2 (F,)");
+  const int64_t f = w2.dimensions()[1];
+  const int64_t block = std::clamp<int64_t>(65536 / d, 24, 128);
+  const float *xp = x.typed_data(), *w1p = w1.typed_data(), *b1p = b1.typed_data();
+  const float *w2p = w2.typed_data(), *b2p = b2.typed_data();
+  float* yp = y->typed_data();
+  ParallelFor(pool, (p + block - 1) / block, [=](int64_t task) {
+    const int64_t r0 = task * block, m = std::min(block, p - r0);
+    std::vector<float> h(m * d);
+    MatmulTiles(Plain{xp + r0 * c, c}, w1p, d, c, m, b1p, 0, h.data());
+    float* hp = h.data();
+    ForChannelBlocks(m * d, [&](auto lane, int64_t i) {
+      using V = decltype(lane);
+      const V v = Load<V>(hp + i);
+      Store<V>(hp + i, v * Cdf<V>(v));
+    });
+    MatmulTiles(Plain{hp, d}, w2p, f, d, m, b2p, 0, yp + r0 * f);
+  });
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffvitMlpF32, Mlp,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x (P, C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // W1 (C, D)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b1
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // W2 (D, F)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b2
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // y (P, F)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EffvitConvFfnF32, ConvFfn,
                               ffi::Ffi::Bind()
