@@ -480,22 +480,17 @@ def _convffn_layers(x, w1, b1, kernel, bias, w2, b2):
   return linear(u.reshape(-1, u.shape[-1]), w2, b2).reshape(*x.shape[:3], -1)
 
 
-@jax.custom_vjp
-def _convffn(x, w1, b1, kernel, bias, w2, b2):
-  return cpu_kernels.convffn(x, w1, b1, kernel, bias, w2, b2)
+def _with_layers_gradient(kernel, layers_fn):
+  """`kernel` (a C++ call with no gradient rule) made differentiable: its gradient, for a
+  gradient of the inference path (saliency, attacks), runs layers_fn's forward again and its
+  VJP."""
+  fn = jax.custom_vjp(kernel)
+  fn.defvjp(lambda *args: (kernel(*args), args),
+            lambda args, g: jax.vjp(layers_fn, *args)[1](g))
+  return fn
 
 
-def _convffn_fwd(*args):
-  return _convffn(*args), args
-
-
-def _convffn_bwd(args, g):
-  # a gradient of the inference path (saliency, attacks): the three ops' forward again, and
-  # their gradients
-  return jax.vjp(_convffn_layers, *args)[1](g)
-
-
-_convffn.defvjp(_convffn_fwd, _convffn_bwd)
+_convffn = _with_layers_gradient(cpu_kernels.convffn, _convffn_layers)
 
 
 def fused_convffn(x: jax.Array, hw: tuple[int, int], fc1: nn.Module, conv: nn.Module,
@@ -524,20 +519,7 @@ def _mlp_layers(x, w1, b1, w2, b2):
   return linear(gelu(linear(x, w1, b1)), w2, b2)
 
 
-@jax.custom_vjp
-def _mlp(x, w1, b1, w2, b2):
-  return cpu_kernels.mlp(x, w1, b1, w2, b2)
-
-
-def _mlp_fwd(*args):
-  return _mlp(*args), args
-
-
-def _mlp_bwd(args, g):   # as _convffn_bwd: the two layers' forward again, and their gradients
-  return jax.vjp(_mlp_layers, *args)[1](g)
-
-
-_mlp.defvjp(_mlp_fwd, _mlp_bwd)
+_mlp = _with_layers_gradient(cpu_kernels.mlp, _mlp_layers)
 
 
 def fused_mlp(x: jax.Array, fc1: nn.Module, fc2: nn.Module) -> jax.Array | None:

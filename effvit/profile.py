@@ -68,14 +68,12 @@ def _eqn_macs(eqn) -> int:
     in_per_group = rhs[dn.rhs_spec[1]]
     kernel = math.prod(rhs[d] for d in dn.rhs_spec[2:])
     return math.prod(out) * in_per_group * kernel // eqn.params["batch_group_count"]
-  if name == "ffi_call" and eqn.params["target_name"] == "effvit_convffn_f32":
-    # the fused ConvFFN (effvit.layers.fused_convffn): fc1, the 3×3 depthwise conv and fc2
-    x, w1, *_, w2, _ = (v.aval.shape for v in eqn.invars)
-    return math.prod(x[:3]) * (x[3] * w1[1] + 9 * w1[1] + w2[0] * w2[1])
-  if name == "ffi_call" and eqn.params["target_name"] == "effvit_mlp_f32":
-    # the fused MLP (effvit.layers.fused_mlp): fc1 and fc2
-    x, w1, _, w2, _ = (v.aval.shape for v in eqn.invars)
-    return x[0] * (x[1] * w1[1] + w2[0] * w2[1])
+  if name == "ffi_call" and eqn.params["target_name"] in ("effvit_convffn_f32", "effvit_mlp_f32"):
+    # the fused ConvFFN and MLP (effvit.layers.fused_convffn, fused_mlp): fc1, [the 3×3
+    # depthwise conv,] fc2; x, W1, ..., W2, b2
+    x, w1, w2 = (eqn.invars[i].aval.shape for i in (0, 1, -2))
+    taps = 9 if eqn.params["target_name"] == "effvit_convffn_f32" else 0
+    return math.prod(x[:-1]) * w1[1] * (x[-1] + taps + w2[1])
   if name == "custom_vjp_call" and _custom_name(eqn) in ("depthwise_conv", "depthwise_conv_gelu",
                                                          "biased_conv_gelu"):
     # effvit.layers' depthwise convs are shifted adds or a C++ call: kh·kw MACs per output
