@@ -74,6 +74,10 @@ def _eqn_macs(eqn) -> int:
     x, w1, w2 = (eqn.invars[i].aval.shape for i in (0, 1, -2))
     taps = 9 if eqn.params["target_name"] == "effvit_convffn_f32" else 0
     return math.prod(x[:-1]) * w1[1] * (x[-1] + taps + w2[1])
+  if name == "ffi_call" and eqn.params["target_name"] == "effvit_attention_f32":
+    # effvit.attention.core.few_keys_attention: Q Kᵀ and P V, N·M·d each per batch and head
+    (b, n, h, d), m = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape[1]
+    return 2 * b * n * m * h * d
   if name == "custom_vjp_call" and _custom_name(eqn) in ("depthwise_conv", "depthwise_conv_gelu",
                                                          "biased_conv_gelu"):
     # effvit.layers' depthwise convs are shifted adds or a C++ call: kh·kw MACs per output

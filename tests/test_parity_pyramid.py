@@ -133,8 +133,9 @@ def test_original_repo_names_convert_like_timm_names(torch_1thread, name):
 
 def test_pvt_v2_logits_match_timm_with_the_cpu_kernels(torch_1thread, single_device):
   """As a single-device run executes PVTv2 at 224 px: the C++ LayerNorm, the fused ConvFFN on
-  the 56-, 28- and 14-px maps and the conv + GELU kernel on the 7-px one (the suite's 8
-  simulated devices otherwise keep XLA's path)."""
+  the 56-, 28- and 14-px maps, the conv + GELU kernel on the 7-px one and the few-keys
+  attention kernel in every stage (the suite's 8 simulated devices otherwise keep XLA's
+  path)."""
   torch = torch_1thread
   tm, _, model, variables = reference("pvt_v2_b0")
   x = np.random.default_rng(2).standard_normal((2, 224, 224, 3)).astype(np.float32)
@@ -145,5 +146,6 @@ def test_pvt_v2_logits_match_timm_with_the_cpu_kernels(torch_1thread, single_dev
                  "effvit_layer_norm_f32"):
     assert target in hlo, target
   assert hlo.count("@effvit_convffn_f32(") == 3   # one block per stage (depths 1)
+  assert hlo.count("@effvit_attention_f32(") == 4   # 49 keys in each stage
   abs_err, rel_err = errors(logits_and_features(model, variables, x)[0], ref_logits)
   assert abs_err < ABS_TOL and rel_err < REL_TOL, (abs_err, rel_err)

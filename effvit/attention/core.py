@@ -12,13 +12,17 @@ path needs no transposes. Softmax always runs in float32.
 
 When a caller makes the `"attention"` collection mutable (visualisation, analysis), the
 probabilities are computed explicitly and sown there; otherwise the fused path is used
-(`jax.nn.dot_product_attention`, cuDNN where shapes allow) or, on CPU, a keys-major layout.
+(`jax.nn.dot_product_attention`, cuDNN where shapes allow) or, on CPU, a C++ kernel for few
+keys (`few_keys_attention`: spatial reduction's 49 keys, Twins' 7x7 windows) and elsewhere a
+keys-major layout.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+
+from effvit import cpu_kernels
 
 ATTENTION_COLLECTION = "attention"
 
@@ -67,7 +71,8 @@ def attend(module: nn.Module, q: jax.Array, k: jax.Array, v: jax.Array,
     module.sow(ATTENTION_COLLECTION, "probs", probs)
     return apply_attention(probs, v)
   if jax.default_backend() == "cpu":
-    return keys_major_attention(q, k, v, mask)
+    fused = few_keys_attention(q, k, v) if mask is None else None
+    return keys_major_attention(q, k, v, mask) if fused is None else fused
   if mask is not None and mask.ndim == 4 and mask.shape[1] == 1:
     mask = jnp.broadcast_to(mask, mask.shape[:1] + (q.shape[2],) + mask.shape[2:])
   # The XLA implementation upcasts the logits to float32 before the softmax.
@@ -93,3 +98,44 @@ def keys_major_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   out = jnp.einsum("...hmn,...mhd->...nhd", p.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
   return (out / jnp.swapaxes(p.sum(axis=-2), -1, -2)[..., None]).astype(v.dtype)
+
+
+# Above this many keys, or with head widths not a multiple of 16, XLA's ops are kept.
+FUSED_MAX_KEYS = 256
+
+
+def few_keys_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array | None:
+  """`attend` without a mask in one C++ pass per direction (effvit.cpu_kernels, attention.cc),
+  None where it does not apply: float32 on XLA:CPU with one device, at most FUSED_MAX_KEYS
+  keys, head width a multiple of 16, q, k and v with the same leading dimensions. The logits
+  and probabilities stay in cache, where XLA writes and rereads them in a dozen passes.
+  Alone, against keys_major_attention (2-core Zen 4, batch 32): pvt_v2_b0's first stage
+  (3136 queries, 49 keys) 2.4x forward and 2.75x forward + gradient, its last (49 and 49)
+  1.1x and 1.9x, Twins' 7x7 windows 1.8x and 2.1x. Training steps: pvt_v2_b0 (batch 32)
+  1147 -> 1042 ms, twins_pcpvt_small (batch 8) 1463 -> 1286 ms; inference about 1% faster
+  (the keys-major forward was already cheap).
+  """
+  lead, d = q.shape[:-3], q.shape[-1]
+  if k.shape[:-3] != lead or v.shape != k.shape or k.shape[-3] > FUSED_MAX_KEYS or d % 16:
+    return None
+  q4, k4, v4 = (a.reshape((-1,) + a.shape[-3:]) for a in (q, k, v))
+  if not cpu_kernels.float32_usable(q4, k4, v4):
+    return None
+  return _fused_attention(q4, k4, v4).reshape(q.shape)
+
+
+@jax.custom_vjp
+def _fused_attention(q, k, v):
+  return cpu_kernels.attention(q, k, v, q.shape[-1] ** -0.5)[0]
+
+
+def _fused_attention_fwd(q, k, v):
+  o, lse = cpu_kernels.attention(q, k, v, q.shape[-1] ** -0.5)
+  return o, (q, k, v, o, lse)
+
+
+def _fused_attention_bwd(res, g):
+  return cpu_kernels.attention_grads(*res, g, res[0].shape[-1] ** -0.5)
+
+
+_fused_attention.defvjp(_fused_attention_fwd, _fused_attention_bwd)
