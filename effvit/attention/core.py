@@ -109,11 +109,11 @@ def few_keys_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array | 
   None where it does not apply: float32 on XLA:CPU with one device, at most FUSED_MAX_KEYS
   keys, head width a multiple of 16, q, k and v with the same leading dimensions. The logits
   and probabilities stay in cache, where XLA writes and rereads them in a dozen passes.
-  Alone, against keys_major_attention (2-core Zen 4, batch 32): pvt_v2_b0's first stage
-  (3136 queries, 49 keys) 2.4x forward and 2.75x forward + gradient, its last (49 and 49)
-  1.1x and 1.9x, Twins' 7x7 windows 1.8x and 2.1x. Training steps: pvt_v2_b0 (batch 32)
-  1147 -> 1042 ms, twins_pcpvt_small (batch 8) 1463 -> 1286 ms; inference about 1% faster
-  (the keys-major forward was already cheap).
+  Alone, against keys_major_attention (benchmarks/attention_kernel.py, 2-core Zen 4, batch
+  32): pvt_v2_b0's first stage (3136 queries, 49 keys) 2.1x forward and 2.9x forward +
+  gradient, its last (49 and 49) 1.1x and 1.3x, Twins' 7x7 windows 1.7x and 2.0x. Training
+  steps: pvt_v2_b0 (batch 32) 1147 -> 1042 ms, twins_pcpvt_small (batch 8) 1463 -> 1286 ms;
+  inference about 1% faster (the keys-major forward was already cheap).
   """
   lead, d = q.shape[:-3], q.shape[-1]
   if k.shape[:-3] != lead or v.shape != k.shape or k.shape[-3] > FUSED_MAX_KEYS or d % 16:

@@ -147,11 +147,18 @@ struct Block {
         a(new float[kBlockRows * dm.d]), b(new float[kBlockRows * dm.d]) {}
 };
 
+// S (rows, mp) of `rows` query rows from q (rows ld() apart). The gradient recomputes S with
+// this same call, bit for bit, so that S - lse <= 0 where ExpRow needs it.
+void Logits(const Dims& dm, const Keys& keys, const Block& bk, const float* q, int64_t rows,
+            float* s) {
+  MatmulTiles(Plain{q, dm.ld()}, keys.kt.data(), dm.mp, dm.d, rows, bk.zeros.data(), 0, s);
+}
+
 // O and lse of `rows` query rows from q (rows ld() apart; o likewise, lse heads apart).
 void ForwardBlock(const Dims& dm, const Keys& keys, Block& bk, const float* q, int64_t rows,
                   float* o, float* lse) {
   const int64_t mp = dm.mp, d = dm.d;
-  MatmulTiles(Plain{q, dm.ld()}, keys.kt.data(), mp, d, rows, bk.zeros.data(), 0, bk.s.get());
+  Logits(dm, keys, bk, q, rows, bk.s.get());
   for (int64_t r = 0; r < rows; ++r) {
     float* row = bk.s.get() + r * mp;
     const float mx = RowMax(row, dm.m), sum = ExpRow(row, dm.m, mx);
@@ -171,7 +178,7 @@ void BackwardBlock(const Dims& dm, const Keys& keys, Block& bk, const float* q, 
                    float* dv) {
   const int64_t mp = dm.mp, d = dm.d, m = dm.m, ld = dm.ld();
   float *p = bk.p.get(), *ds = bk.s.get();
-  MatmulTiles(Plain{q, ld}, keys.kt.data(), mp, d, rows, bk.zeros.data(), 0, p);
+  Logits(dm, keys, bk, q, rows, p);
   for (int64_t r = 0; r < rows; ++r) ExpRow(p + r * mp, m, lse[r * dm.heads]);
   MatmulTiles(Plain{g, ld}, keys.vt.data(), mp, d, rows, bk.zeros.data(), 0, ds);   // dP
   for (int64_t r = 0; r < rows; ++r) {
