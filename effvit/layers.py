@@ -493,20 +493,40 @@ def _with_layers_gradient(kernel, layers_fn):
 _convffn = _with_layers_gradient(cpu_kernels.convffn, _convffn_layers)
 
 
+@jax.custom_vjp
+def _convffn_trained(x, w1, b1, kernel, bias, w2, b2):
+  """cpu_kernels.convffn with the one-pass gradient of cpu_kernels.convffn_grads, which
+  recomputes the hidden maps from x: nothing but x is kept for the backward."""
+  return cpu_kernels.convffn(x, w1, b1, kernel, bias, w2, b2)
+
+
+_convffn_trained.defvjp(lambda *args: (cpu_kernels.convffn(*args), args[:6]),
+                        lambda args, g: cpu_kernels.convffn_grads(*args, g))
+
+# The training gradient adds each group of rows' x^T dh and u^T gy into dW1 and dW2 in place:
+# it wins while those stay in L2 (float32, forward + gradient, alone, against the three ops
+# with their kernels: 1.23-1.34x at pvt_v2_b0's 56 and 28 px and pvt_v2_b2's 56 px, 64-256K
+# floats; 1.0x at 1M floats, 0.66-0.9x beyond).
+CONVFFN_GRAD_KERNEL_MAX_WEIGHTS = 1 << 17
+
+
 def fused_convffn(x: jax.Array, hw: tuple[int, int], fc1: nn.Module, conv: nn.Module,
-                  fc2: nn.Module) -> jax.Array | None:
+                  fc2: nn.Module, train: bool = False) -> jax.Array | None:
   """The ConvFFN fc2(gelu(conv(fc1(x)))) on tokens x in one C++ pass (cpu_kernels.convffn), from
   the bound layers' parameters; None where it does not apply (maps narrower than
-  CONVFFN_KERNEL_MIN_WIDTH, not float32, kernels unusable): the caller runs the layers.
-  Differentiable: its gradient recomputes the three ops."""
+  CONVFFN_KERNEL_MIN_WIDTH, not float32, kernels unusable, and with `train` weights above
+  CONVFFN_GRAD_KERNEL_MAX_WEIGHTS floats): the caller runs the layers. Differentiable: with
+  `train` by the one-pass gradient kernel, otherwise by recomputing the three ops."""
   if hw[1] < CONVFFN_KERNEL_MIN_WIDTH:
     return None
   p1, pc, p2 = (m.variables["params"] for m in (fc1, conv, fc2))
+  if train and p1["kernel"].size + p2["kernel"].size > CONVFFN_GRAD_KERNEL_MAX_WEIGHTS:
+    return None
   args = (tokens_to_map(x, hw), p1["kernel"], p1["bias"], pc["kernel"][:, :, 0], pc["bias"],
           p2["kernel"], p2["bias"])
   if not cpu_kernels.float32_usable(*args):
     return None
-  return map_to_tokens(_convffn(*args))
+  return map_to_tokens((_convffn_trained if train else _convffn)(*args))
 
 
 # The fused MLP keeps its weights in cache across a task's rows: it wins while they are small
@@ -542,7 +562,8 @@ class Mlp(nn.Module):
   `dwconv=False`: the plain transformer MLP (PVTv1, Twins). `dwconv=True`: PVTv2's ConvFFN,
   whose zero-padded depthwise conv is the model's only position encoding; `relu=True` adds the
   ReLU that PVTv2-li places before that conv. In float32 inference on XLA:CPU either is one
-  C++ pass where it applies (`fused_convffn`, `fused_mlp`).
+  C++ pass where it applies (`fused_convffn`, `fused_mlp`); in training without dropout
+  inside it, so is the ConvFFN, forward and gradient (`fused_convffn(..., train=True)`).
   """
   hidden_dim: int
   dwconv: bool = False
@@ -560,6 +581,12 @@ class Mlp(nn.Module):
     if deterministic and not self.relu and not self.is_initializing():
       fused = (fused_convffn(x, hw, fc1, conv, fc2) if self.dwconv
                else fused_mlp(x, fc1, fc2))
+      if fused is not None:
+        return fused
+    if (not deterministic and self.dwconv and not self.relu and self.drop_rate == 0
+        and not self.is_initializing()):
+      # training without dropout inside the ConvFFN (PVTv2's and LaViT's recipes)
+      fused = fused_convffn(x, hw, fc1, conv, fc2, train=True)
       if fused is not None:
         return fused
     if self.dwconv and not self.relu and deterministic:

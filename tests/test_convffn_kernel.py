@@ -1,6 +1,6 @@
-"""The fused ConvFFN and MLP inference kernels (effvit/cpu_kernels/convffn.cc) against a
-float64 fc1 -> [3×3 depthwise conv ->] exact GELU -> fc2, and effvit.layers.Mlp with and without
-them."""
+"""The fused ConvFFN and MLP kernels (effvit/cpu_kernels/convffn.cc) and the ConvFFN's gradient
+kernel (convffn_grads.cc) against a float64 fc1 -> [3×3 depthwise conv ->] exact GELU -> fc2 and
+its closed-form gradient, and effvit.layers.Mlp with and without them."""
 import math
 
 import jax
@@ -72,14 +72,15 @@ def test_kernel_is_off_for_bfloat16_and_on_several_devices(monkeypatch):
 
 
 @needs_compiler
-@pytest.mark.parametrize("hw,dtype,deterministic,used", [
-    ((6, 16), jnp.float32, True, True),
-    ((16, 13), jnp.float32, True, False),   # narrower than CONVFFN_KERNEL_MIN_WIDTH
-    ((6, 16), jnp.bfloat16, True, False),
-    ((6, 16), jnp.float32, False, False)])  # training: fc1, conv and fc2 keep their gradients
-def test_mlp_uses_the_kernel_in_float32_inference_only(hw, dtype, deterministic, used,
-                                                       monkeypatch, single_device):
-  mlp = Mlp(40, dwconv=True, dtype=dtype)
+@pytest.mark.parametrize("hw,dtype,deterministic,drop,used", [
+    ((6, 16), jnp.float32, True, 0.0, True),
+    ((16, 13), jnp.float32, True, 0.0, False),   # narrower than CONVFFN_KERNEL_MIN_WIDTH
+    ((6, 16), jnp.bfloat16, True, 0.0, False),
+    ((6, 16), jnp.float32, False, 0.0, True),    # training: the gradient kernel's forward
+    ((6, 16), jnp.float32, False, 0.1, False)])  # dropout inside: the layers
+def test_mlp_uses_the_kernel_in_float32_without_dropout(hw, dtype, deterministic, drop, used,
+                                                        monkeypatch, single_device):
+  mlp = Mlp(40, dwconv=True, drop_rate=drop, dtype=dtype)
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.standard_normal((2, hw[0] * hw[1], 24)), dtype)
   variables = mlp.init(jax.random.key(0), x, hw)
@@ -103,6 +104,92 @@ def test_mlp_uses_the_kernel_in_float32_inference_only(hw, dtype, deterministic,
   tol = 1e-5 if dtype == jnp.float32 else 0
   np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(unfused, np.float32),
                              rtol=tol, atol=tol)
+
+
+def convffn_grads_float64(x, w1, b1, kernel, bias, w2, b2, g):
+  """The ConvFFN's gradients in closed form, float64: (dx, dW1, db1, dkernel, dbias, dW2,
+  db2)."""
+  x, w1, b1, kernel, bias, w2, g = (np.asarray(a, np.float64)
+                                    for a in (x, w1, b1, kernel, bias, w2, g))
+  _, height, width, _ = x.shape
+  hp = np.pad(x @ w1 + b1, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  taps = [(i, j) for i in range(3) for j in range(3)]
+  z = bias + sum(hp[:, i:i + height, j:j + width] * kernel[i, j] for i, j in taps)
+  cdf = 0.5 * (1 + _erf(z / math.sqrt(2)))
+  gz = (g @ w2.T) * (cdf + z * np.exp(-z * z / 2) / math.sqrt(2 * math.pi))
+  dk = np.stack([np.einsum("bhwd,bhwd->d", gz, hp[:, i:i + height, j:j + width])
+                 for i, j in taps]).reshape(3, 3, -1)
+  dhp = np.zeros_like(hp)
+  for i, j in taps:
+    dhp[:, i:i + height, j:j + width] += gz * kernel[i, j]
+  dh = dhp[:, 1:-1, 1:-1]
+  return (dh @ w1.T, np.einsum("bhwc,bhwd->cd", x, dh), dh.sum((0, 1, 2)), dk,
+          gz.sum((0, 1, 2)), np.einsum("bhwd,bhwf->df", z * cdf, g), g.sum((0, 1, 2)))
+
+
+# As for the forward, and (2, 12, 56, ...): 12 bands of one row each, every band recomputing
+# the rows of h and gz above its first row; (3, 10, 14, ...): groups of 4 rows, a partial last
+# one, so a row's neighbours are in the ring's other groups.
+@needs_compiler
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 1, 1), (2, 3, 7, 3, 20, 5),
+                                   (3, 10, 14, 8, 48, 16), (1, 9, 16, 5, 17, 33),
+                                   (9, 4, 3, 16, 32, 16), (1, 20, 56, 4, 96, 70),
+                                   (2, 12, 56, 32, 64, 32)])
+def test_gradient_kernel_matches_float64(shape, single_device):
+  rng = np.random.default_rng(8)
+  args = random_operands(rng, *shape)
+  g = jnp.asarray(rng.standard_normal(shape[:3] + shape[5:]), jnp.float32)
+  ours = jax.jit(cpu_kernels.convffn_grads)(*args[:6], g)
+  assert ours is not None, "the kernel should build and apply here"
+  names = ("dx", "dW1", "db1", "dkernel", "dbias", "dW2", "db2")
+  for name, a, ref in zip(names, ours, convffn_grads_float64(*args, g)):
+    assert a.shape == ref.shape, name
+    np.testing.assert_allclose(a, ref, rtol=1e-5, atol=2e-6 * np.abs(ref).max(), err_msg=name)
+
+
+@needs_compiler
+def test_gradient_kernel_dx_does_not_depend_on_the_rest_of_the_batch(single_device):
+  # Batch 3 gives each image 3 bands, one image alone 5 (its 5 groups of 4 rows).
+  rng = np.random.default_rng(9)
+  args = random_operands(rng, 3, 20, 16, 8, 64, 8)
+  g = jnp.asarray(rng.standard_normal((3, 20, 16, 8)), jnp.float32)
+  grads = jax.jit(cpu_kernels.convffn_grads)
+  whole = grads(*args[:6], g)
+  for i in range(3):
+    alone = grads(args[0][i:i + 1], *args[1:6], g[i:i + 1])
+    np.testing.assert_array_equal(np.asarray(alone[0])[0], np.asarray(whole[0])[i])
+  # the parameter gradients sum the images in another order
+  summed = [sum(np.asarray(grads(args[0][i:i + 1], *args[1:6], g[i:i + 1])[k], np.float64)
+                for i in range(3)) for k in range(1, 7)]
+  for a, b in zip(whole[1:], summed):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+  np.testing.assert_array_equal(np.asarray(grads(*args[:6], g)[1]), np.asarray(whole[1]))
+
+
+@needs_compiler
+@pytest.mark.parametrize("hidden,relu,max_weights,used", [
+    (40, False, None, True),
+    (40, True, None, False),     # PVTv2-li's ReLU before the conv: the layers
+    (40, False, 0, False)])      # weights above CONVFFN_GRAD_KERNEL_MAX_WEIGHTS: the layers
+def test_training_step_uses_the_gradient_kernel_with_the_layers_gradients(
+    hidden, relu, max_weights, used, monkeypatch, single_device):
+  mlp = Mlp(hidden, dwconv=True, relu=relu)
+  rng = np.random.default_rng(10)
+  x = jnp.asarray(rng.standard_normal((3, 5 * 16, 24)), jnp.float32)
+  variables = mlp.init(jax.random.key(0), x, (5, 16))
+  variables = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape) * 0.3, a.dtype),
+                           variables)
+  if max_weights is not None:
+    monkeypatch.setattr(layers, "CONVFFN_GRAD_KERNEL_MAX_WEIGHTS", max_weights)
+  loss = lambda v, x: jnp.sum(jnp.sin(mlp.apply(v, x, (5, 16), deterministic=False)))
+  grads = []
+  for kernel in (True, False):
+    if not kernel:
+      monkeypatch.setattr(layers, "CONVFFN_GRAD_KERNEL_MAX_WEIGHTS", 0)
+    lowered = jax.jit(jax.grad(lambda v, x: loss(v, x), (0, 1))).lower(variables, x)
+    assert ("effvit_convffn_bwd_f32" in lowered.as_text()) == (used and kernel)
+    grads.append(lowered.compile()(variables, x))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5), *grads)
 
 
 @needs_compiler

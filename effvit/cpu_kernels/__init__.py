@@ -29,6 +29,11 @@ least 14 wide; pvt_v2_b0's forward at batch 32 461 -> 383 ms, pvt_v2_b2's at bat
 502 -> 461 ms); and the plain transformer MLP (fc1, GELU, fc2) of PVTv1 and Twins for inference,
 a block of rows at a time (effvit.layers.fused_mlp; twins_pcpvt_small's forward at batch 32
 2166 -> 1906 ms).
+convffn_grads.cc: the ConvFFN's gradient for training in one pass, recomputing h and z from x a
+group of rows at a time in cache, so that the training forward is convffn.cc's and keeps
+nothing but x (effvit.layers.fused_convffn with train=True, while dW1 and dW2 fit in L2:
+pvt_v2_b0's training step at batch 32 1078 -> 979 ms, at batch 8 277 -> 243 ms; pvt_v2_b2's
+at batch 8 1505 -> 1445 ms, only its first stage qualifying).
 attention.cc: softmax attention over few keys (spatial reduction's 49, Twins' 7x7 windows)
 and its gradient, one pass each with the logits and probabilities in cache where XLA makes a
 dozen passes over them (effvit.attention.core.few_keys_attention; training steps 7-14% faster:
@@ -64,7 +69,8 @@ import numpy as np
 
 _DIR = pathlib.Path(__file__).parent
 _SOURCES = (_DIR / "depthwise_conv3x3.cc", _DIR / "layer_norm.cc", _DIR / "batch_norm.cc",
-            _DIR / "dense_grads.cc", _DIR / "convffn.cc", _DIR / "attention.cc")
+            _DIR / "dense_grads.cc", _DIR / "convffn.cc", _DIR / "convffn_grads.cc",
+            _DIR / "attention.cc")
 _HEADERS = (_DIR / "common.h", _DIR / "conv_gelu.h", _DIR / "matmul_tiles.h")
 # FFI target name -> symbol in the library
 _TARGETS = {"effvit_depthwise_conv3x3_bwd_f32": "EffvitDepthwiseConv3x3BwdF32",
@@ -77,6 +83,7 @@ _TARGETS = {"effvit_depthwise_conv3x3_bwd_f32": "EffvitDepthwiseConv3x3BwdF32",
             "effvit_dense_grads_f32": "EffvitDenseGradsF32",
             "effvit_conv3x3_filter_grads_f32": "EffvitConv3x3FilterGradsF32",
             "effvit_convffn_f32": "EffvitConvFfnF32",
+            "effvit_convffn_bwd_f32": "EffvitConvFfnBwdF32",
             "effvit_mlp_f32": "EffvitMlpF32",
             "effvit_attention_f32": "EffvitAttentionF32",
             "effvit_attention_bwd_f32": "EffvitAttentionBwdF32"}
@@ -289,6 +296,18 @@ def convffn(x: jax.Array, w1: jax.Array, b1: jax.Array, kernel: jax.Array, bias:
     return None
   out = jax.ShapeDtypeStruct(x.shape[:3] + w2.shape[1:], jnp.float32)
   return jax.ffi.ffi_call("effvit_convffn_f32", out, vmap_method="sequential")(*args)
+
+
+def convffn_grads(x: jax.Array, w1: jax.Array, b1: jax.Array, kernel: jax.Array,
+                  bias: jax.Array, w2: jax.Array, g: jax.Array):
+  """(dx, dW1, db1, dkernel, dbias, dW2, db2) of `convffn` given g = dL/dy, recomputing its
+  hidden maps from x in one pass (convffn_grads.cc); None where `convffn` would not run."""
+  args = (x, w1, w1.T, b1, kernel, bias, w2.T, g)
+  if x.ndim != 4 or g.ndim != 4 or not float32_usable(*args):
+    return None
+  out = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in
+              (x.shape, w1.shape, b1.shape, kernel.shape, bias.shape, w2.shape, w2.shape[1:]))
+  return jax.ffi.ffi_call("effvit_convffn_bwd_f32", out, vmap_method="sequential")(*args)
 
 
 def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array):

@@ -1,5 +1,6 @@
-// The 3x3 depthwise conv and exact GELU at one pixel, vectorised over channels, and GELU's
-// math (erf, exp, the normal CDF): shared by the depthwise-conv kernels and the fused ConvFFN.
+// The 3x3 depthwise conv and exact GELU at one pixel, vectorised over channels, GELU's math
+// (erf, exp, the normal CDF), and a row of their gradients: shared by the depthwise-conv
+// kernels and the fused ConvFFN.
 // A conv reads three rows of its input map, given as pointers (nullptr above or below the
 // map), so a caller can keep the rows it needs in a ring of its own.
 #ifndef EFFVIT_CPU_KERNELS_CONV_GELU_H_
@@ -135,6 +136,76 @@ inline void GeluForwardRow(const float* const rows[3], int64_t w, int64_t c,
       }
       Store<V>(out_row + s * c + c0, h * Cdf<V>(h));
     });
+  }
+}
+
+// dx of one row of the conv's gradient and that row's terms of dk (added to acc, 9 x c; with
+// kBias also db, acc's row 9), for the lanes of V (16 channels, or 1 for the channel tail)
+// from channel c0: xr[0..2] are the conv input's rows around it, g[0..2] the output
+// gradient's (nullptr outside the map), w pixels of c channels each (the equations are in
+// depthwise_conv3x3.cc).
+template <typename V, bool kBias>
+void ConvGradRowBlock(int64_t w, int64_t c, const float* const xr[3], const float* const g[3],
+                      const float* __restrict k, float* __restrict dx_row,
+                      float* __restrict acc, int64_t c0) {
+  V kv[9], sum[9];
+  for (int t = 0; t < 9; ++t) {
+    kv[t] = Load<V>(k + t * c + c0);
+    sum[t] = Load<V>(acc + t * c + c0);
+  }
+  V db{};
+  const bool rows_inside = xr[0] != nullptr && xr[2] != nullptr;
+  for (int64_t s = 0; s < w; ++s) {
+    const V go = Load<V>(g[1] + s * c + c0);
+    V d{};
+    if (rows_inside && s >= 1 && s + 1 < w) {   // all taps inside the map: no bounds checks
+      for (int i = 0; i < 3; ++i) {
+        const float* gs = g[2 - i] + (s + 1) * c + c0;   // row y - i + 1, column s + 1
+        const float* xs = xr[i] + (s - 1) * c + c0;      // row y + i - 1, column s - 1
+        for (int j = 0; j < 3; ++j) {
+          d += Load<V>(gs - j * c) * kv[i * 3 + j];
+          sum[i * 3 + j] += go * Load<V>(xs + j * c);
+        }
+      }
+    } else {
+      for (int i = 0; i < 3; ++i) {
+        const float *gr = g[2 - i], *xrow = xr[i];
+        for (int j = 0; j < 3; ++j) {
+          const int64_t sg = s - j + 1, sx = s + j - 1;
+          if (gr != nullptr && sg >= 0 && sg < w) d += Load<V>(gr + sg * c + c0) * kv[i * 3 + j];
+          if (xrow != nullptr && sx >= 0 && sx < w)
+            sum[i * 3 + j] += go * Load<V>(xrow + sx * c + c0);
+        }
+      }
+    }
+    if (kBias) db += go;
+    Store<V>(dx_row + s * c + c0, d);
+  }
+  for (int t = 0; t < 9; ++t) Store<V>(acc + t * c + c0, sum[t]);
+  if (kBias) Store<V>(acc + 9 * c + c0, Load<V>(acc + 9 * c + c0) + db);
+}
+
+// One row of g = gy * gelu'(h), h = bias + conv of the rows xr[0..2] (nullptr outside the
+// map), into out_row (which may be gy_row itself), channels [c0, c0 + lanes); with u_row also
+// u = gelu(h) there.
+template <typename V>
+void GeluGradRowBlock(int64_t w, int64_t c, const float* const xr[3], const float* __restrict k,
+                      const float* __restrict bias, const float* gy_row, float* out_row,
+                      float* __restrict u_row, int64_t c0) {
+  V kv[9], kb[9];
+  for (int t = 0; t < 9; ++t) {
+    kv[t] = Load<V>(k + t * c + c0);
+    kb[t] = V{};
+  }
+  const V h0 = Load<V>(bias + c0);
+  const bool rows_inside = xr[0] != nullptr && xr[2] != nullptr;
+  for (int64_t s = 0; s < w; ++s) {
+    const V h = rows_inside && s >= 1 && s + 1 < w ? ConvInside<V>(xr, c, kv, h0, s, c0)
+                                                   : ConvAt<V>(xr, w, c, kv, kb, h0, s, c0);
+    const V pdf = ExpNonPositive<V>(-0.5f * h * h) * 0.39894228040143268f;
+    const V cdf = Cdf<V>(h);
+    Store<V>(out_row + s * c + c0, Load<V>(gy_row + s * c + c0) * (cdf + h * pdf));
+    if (u_row != nullptr) Store<V>(u_row + s * c + c0, h * cdf);
   }
 }
 

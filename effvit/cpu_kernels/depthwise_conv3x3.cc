@@ -47,76 +47,6 @@ void RowsAround(const Map& m, const float* xb, int64_t y, const float* rows[3]) 
   }
 }
 
-// dx of image row `y` and that row's terms of dk (added to acc, 9 x C; with kBias also db,
-// acc's row 9), for the lanes of V (16 channels, or 1 for the channel tail) from channel c0.
-// xb: this image of x; g[0], g[1], g[2]: rows y - 1, y, y + 1 of g (nullptr outside the map).
-template <typename V, bool kBias>
-void RowBlock(const Map& m, const float* __restrict xb, const float* const g[3],
-              const float* __restrict k, float* __restrict dx_row, float* __restrict acc,
-              int64_t y, int64_t c0) {
-  const int64_t c = m.c, w = m.w;
-  V kv[9], sum[9];
-  for (int t = 0; t < 9; ++t) {
-    kv[t] = Load<V>(k + t * c + c0);
-    sum[t] = Load<V>(acc + t * c + c0);
-  }
-  V db{};
-  const bool row_inside = y >= 1 && y + 1 < m.h;
-  for (int64_t s = 0; s < w; ++s) {
-    const V go = Load<V>(g[1] + s * c + c0);
-    V d{};
-    if (row_inside && s >= 1 && s + 1 < w) {   // all taps inside the map: no bounds checks
-      const float* xs = xb + ((y - 1) * w + s - 1) * c + c0;
-      for (int i = 0; i < 3; ++i) {
-        const float* gs = g[2 - i] + (s + 1) * c + c0;   // row y - i + 1, column s + 1
-        for (int j = 0; j < 3; ++j) {
-          d += Load<V>(gs - j * c) * kv[i * 3 + j];
-          sum[i * 3 + j] += go * Load<V>(xs + (i * w + j) * c);
-        }
-      }
-    } else {
-      for (int i = 0; i < 3; ++i) {
-        const float* gr = g[2 - i];   // row y - i + 1
-        const int64_t rx = y + i - 1;
-        for (int j = 0; j < 3; ++j) {
-          const int64_t sg = s - j + 1, sx = s + j - 1;
-          if (gr != nullptr && sg >= 0 && sg < w) d += Load<V>(gr + sg * c + c0) * kv[i * 3 + j];
-          if (rx >= 0 && rx < m.h && sx >= 0 && sx < w)
-            sum[i * 3 + j] += go * Load<V>(xb + (rx * w + sx) * c + c0);
-        }
-      }
-    }
-    if (kBias) db += go;
-    Store<V>(dx_row + s * c + c0, d);
-  }
-  for (int t = 0; t < 9; ++t) Store<V>(acc + t * c + c0, sum[t]);
-  if (kBias) Store<V>(acc + 9 * c + c0, Load<V>(acc + 9 * c + c0) + db);
-}
-
-// Image row y of g = gy * gelu'(h) (gy_row the row of gy) into out_row (the gradient's ring),
-// channels [c0, c0 + lanes): one channel block along the row, its taps in registers.
-template <typename V>
-void GeluGradRowBlock(const Map& m, const float* __restrict xb, const float* __restrict k,
-                      const float* __restrict bias, const float* __restrict gy_row,
-                      float* __restrict out_row, int64_t y, int64_t c0) {
-  const int64_t c = m.c;
-  V kv[9], kb[9];
-  for (int t = 0; t < 9; ++t) {
-    kv[t] = Load<V>(k + t * c + c0);
-    kb[t] = V{};
-  }
-  const V h0 = Load<V>(bias + c0);
-  const bool row_inside = y >= 1 && y + 1 < m.h;
-  const float* rows[3];
-  RowsAround(m, xb, y, rows);
-  for (int64_t s = 0; s < m.w; ++s) {
-    const V h = row_inside && s >= 1 && s + 1 < m.w ? ConvInside<V>(rows, c, kv, h0, s, c0)
-                                                    : ConvAt<V>(rows, m.w, c, kv, kb, h0, s, c0);
-    const V pdf = ExpNonPositive<V>(-0.5f * h * h) * 0.39894228040143268f;
-    Store<V>(out_row + s * c + c0, Load<V>(gy_row + s * c + c0) * (Cdf<V>(h) + h * pdf));
-  }
-}
-
 bool IsMap(ffi::Span<const int64_t> d) { return d.size() == 4; }
 
 bool IsKernel(ffi::Span<const int64_t> k, int64_t c) {
@@ -172,9 +102,11 @@ static ffi::Error DepthwiseConv3x3Bwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32
       const int64_t y = row % m.h;
       const float* gr[3] = {y > 0 ? gp + (row - 1) * row_size : nullptr, gp + row * row_size,
                             y + 1 < m.h ? gp + (row + 1) * row_size : nullptr};
+      const float* xr[3];
+      RowsAround(m, xp + row / m.h * image, y, xr);
       ForChannelBlocks(m.c, [&](auto lane, int64_t c0) {
-        RowBlock<decltype(lane), false>(m, xp + row / m.h * image, gr, kp,
-                                        dxp + row * row_size, acc, y, c0);
+        ConvGradRowBlock<decltype(lane), false>(m.w, m.c, xr, gr, kp, dxp + row * row_size, acc,
+                                                c0);
       });
     }
   });
@@ -206,17 +138,21 @@ static ffi::Error DepthwiseConv3x3BiasGeluBwd(
       const int64_t y = row % m.h;
       const int64_t first = y > 0 ? row - 1 : row, last = y + 1 < m.h ? row + 1 : row;
       for (int64_t r = std::max(first, ready); r <= last; ++r) {
+        const float* xr[3];
+        RowsAround(m, xp + r / m.h * image, r % m.h, xr);
         ForChannelBlocks(m.c, [&](auto lane, int64_t c0) {
-          GeluGradRowBlock<decltype(lane)>(m, xp + r / m.h * image, kp, bp, gyp + r * row_size,
-                                           slot(r), r % m.h, c0);
+          GeluGradRowBlock<decltype(lane)>(m.w, m.c, xr, kp, bp, gyp + r * row_size, slot(r),
+                                           nullptr, c0);
         });
       }
       ready = last + 1;
       const float* gr[3] = {y > 0 ? slot(row - 1) : nullptr, slot(row),
                             y + 1 < m.h ? slot(row + 1) : nullptr};
+      const float* xr[3];
+      RowsAround(m, xp + row / m.h * image, y, xr);
       ForChannelBlocks(m.c, [&](auto lane, int64_t c0) {
-        RowBlock<decltype(lane), true>(m, xp + row / m.h * image, gr, kp,
-                                       dxp + row * row_size, acc, y, c0);
+        ConvGradRowBlock<decltype(lane), true>(m.w, m.c, xr, gr, kp, dxp + row * row_size, acc,
+                                               c0);
       });
     }
   });
