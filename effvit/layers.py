@@ -578,15 +578,13 @@ class Mlp(nn.Module):
     fc1, fc2 = dense(self.hidden_dim, "fc1"), dense(x.shape[-1], "fc2")
     conv = DepthwiseConv(3, gelu=True, dtype=self.dtype, param_dtype=self.param_dtype,
                          name="dwconv")
-    if deterministic and not self.relu and not self.is_initializing():
-      fused = (fused_convffn(x, hw, fc1, conv, fc2) if self.dwconv
-               else fused_mlp(x, fc1, fc2))
-      if fused is not None:
-        return fused
-    if (not deterministic and self.dwconv and not self.relu and self.drop_rate == 0
-        and not self.is_initializing()):
-      # training without dropout inside the ConvFFN (PVTv2's and LaViT's recipes)
-      fused = fused_convffn(x, hw, fc1, conv, fc2, train=True)
+    if not self.relu and not self.is_initializing():
+      if deterministic:
+        fused = (fused_convffn(x, hw, fc1, conv, fc2) if self.dwconv
+                 else fused_mlp(x, fc1, fc2))
+      else:   # training: the ConvFFN without dropout inside (PVTv2's and LaViT's recipes)
+        fused = (fused_convffn(x, hw, fc1, conv, fc2, train=True)
+                 if self.dwconv and self.drop_rate == 0 else None)
       if fused is not None:
         return fused
     if self.dwconv and not self.relu and deterministic:

@@ -155,14 +155,14 @@ def test_gradient_kernel_dx_does_not_depend_on_the_rest_of_the_batch(single_devi
   g = jnp.asarray(rng.standard_normal((3, 20, 16, 8)), jnp.float32)
   grads = jax.jit(cpu_kernels.convffn_grads)
   whole = grads(*args[:6], g)
+  alone = [grads(args[0][i:i + 1], *args[1:6], g[i:i + 1]) for i in range(3)]
   for i in range(3):
-    alone = grads(args[0][i:i + 1], *args[1:6], g[i:i + 1])
-    np.testing.assert_array_equal(np.asarray(alone[0])[0], np.asarray(whole[0])[i])
+    np.testing.assert_array_equal(np.asarray(alone[i][0])[0], np.asarray(whole[0])[i])
   # the parameter gradients sum the images in another order
-  summed = [sum(np.asarray(grads(args[0][i:i + 1], *args[1:6], g[i:i + 1])[k], np.float64)
-                for i in range(3)) for k in range(1, 7)]
-  for a, b in zip(whole[1:], summed):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+  for k in range(1, 7):
+    summed = sum(np.asarray(a[k], np.float64) for a in alone)
+    np.testing.assert_allclose(whole[k], summed, rtol=1e-5, atol=1e-5 * np.abs(summed).max())
+  # and the same call gives the same sums again
   np.testing.assert_array_equal(np.asarray(grads(*args[:6], g)[1]), np.asarray(whole[1]))
 
 
