@@ -39,11 +39,15 @@ def merge_heads(x: jax.Array) -> jax.Array:
   return x.reshape(*lead, n, h * d)
 
 
+def softmax_scale(q: jax.Array) -> float:
+  """d^-½ for queries (..., d)."""
+  return q.shape[-1] ** -0.5
+
+
 def attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
   """Scaled logits Q Kᵀ · d^-½ in float32, as (B, h, N, M)."""
-  scale = q.shape[-1] ** -0.5
   logits = jnp.einsum("...nhd,...mhd->...hnm", q, k, preferred_element_type=jnp.float32)
-  return logits * scale
+  return logits * softmax_scale(q)
 
 
 def apply_attention(probs: jax.Array, v: jax.Array) -> jax.Array:
@@ -76,7 +80,7 @@ def attend(module: nn.Module, q: jax.Array, k: jax.Array, v: jax.Array,
   if mask is not None and mask.ndim == 4 and mask.shape[1] == 1:
     mask = jnp.broadcast_to(mask, mask.shape[:1] + (q.shape[2],) + mask.shape[2:])
   # The XLA implementation upcasts the logits to float32 before the softmax.
-  out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5)
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=softmax_scale(q))
   return out.astype(v.dtype)
 
 
@@ -91,7 +95,7 @@ def keys_major_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   training unchanged.
   """
   s = jnp.einsum("...mhd,...nhd->...hmn", k, q, preferred_element_type=jnp.float32)
-  s = s * q.shape[-1] ** -0.5
+  s = s * softmax_scale(q)
   if mask is not None:
     s = jnp.where(jnp.swapaxes(mask, -1, -2), s, jnp.finfo(jnp.float32).min)
   p = jnp.exp(s - s.max(axis=-2, keepdims=True))
@@ -126,16 +130,16 @@ def few_keys_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array | 
 
 @jax.custom_vjp
 def _fused_attention(q, k, v):
-  return cpu_kernels.attention(q, k, v, q.shape[-1] ** -0.5)[0]
+  return cpu_kernels.attention(q, k, v, softmax_scale(q))[0]
 
 
 def _fused_attention_fwd(q, k, v):
-  o, lse = cpu_kernels.attention(q, k, v, q.shape[-1] ** -0.5)
+  o, lse = cpu_kernels.attention(q, k, v, softmax_scale(q))
   return o, (q, k, v, o, lse)
 
 
 def _fused_attention_bwd(res, g):
-  return cpu_kernels.attention_grads(*res, g, res[0].shape[-1] ** -0.5)
+  return cpu_kernels.attention_grads(*res, g, softmax_scale(res[0]))
 
 
 _fused_attention.defvjp(_fused_attention_fwd, _fused_attention_bwd)

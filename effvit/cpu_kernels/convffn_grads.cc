@@ -55,9 +55,10 @@ void AddRows(const float* rows, int64_t m, int64_t n, float* acc) {
 // Offsets of the sums in a chunk's partial: dk (9 x D) and dkb (D) first, in the layout of
 // ConvGradRowBlock's acc, then dW1 (C x D), db1, dW2 (D x F), db2.
 struct Sums {
-  int64_t dk, dw1, db1, dw2, db2, size;
+  int64_t dk, dkb, dw1, db1, dw2, db2, size;
   Sums(int64_t c, int64_t d, int64_t f)
-      : dk(0), dw1(10 * d), db1(dw1 + c * d), dw2(db1 + d), db2(dw2 + d * f), size(db2 + f) {}
+      : dk(0), dkb(9 * d), dw1(10 * d), db1(dw1 + c * d), dw2(db1 + d), db2(dw2 + d * f),
+        size(db2 + f) {}
 };
 
 }  // namespace
@@ -162,8 +163,8 @@ static ffi::Error ConvFfnBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     }
   });
   const float* t = total.data();
-  std::copy(t + sums.dk, t + sums.dk + 9 * d, dk->typed_data());
-  std::copy(t + 9 * d, t + 10 * d, dkb->typed_data());
+  std::copy(t + sums.dk, t + sums.dkb, dk->typed_data());
+  std::copy(t + sums.dkb, t + sums.dw1, dkb->typed_data());
   std::copy(t + sums.dw1, t + sums.db1, dw1->typed_data());
   std::copy(t + sums.db1, t + sums.dw2, db1->typed_data());
   std::copy(t + sums.dw2, t + sums.db2, dw2->typed_data());
