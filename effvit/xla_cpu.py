@@ -1,7 +1,7 @@
 """XLA:CPU compiler options for effvit's compiled steps, one set per kind of step.
 
 jax 0.10's XLA:CPU hands dots, reductions and elementwise ops to YNNPACK fusions. Which of
-them pay off depends on the step (2-core AVX-512 machine, float32, 224 px; README, Performance):
+them pay off depends on the step (2-core AVX-512 machine, float32, 224 px; benchmarks/README.md):
 
 - inference: only individual dots go to YNNPACK; XLA's own emitters run the LayerNorm and
   softmax reductions and the elementwise work around them. pvt_v2_b0 at batch 32 went from

@@ -4,7 +4,7 @@ depthwise_conv3x3.cc: the 3×3 depthwise conv of PVTv2's ConvFFN (and LaViT's):
 - its gradient, whose weight part XLA:CPU runs as nine full passes over the activation and its
   gradient, in one pass (used by DepthwiseConv without GELU, Twins' PEG; when the ConvFFN used
   it, pvt_v2_b0's training step at batch 32 went 976 → 835 ms on the project's 2-core machine;
-  README, Performance);
+  benchmarks/README.md);
 - its forward fused with the bias and GELU that follow it, one pass where XLA pads first,
   used for inference (effvit.layers.depthwise_conv_gelu; pvt_v2_b0 at batch 32: 219 → 205 ms),
   and with the bias of the fc1 before it (effvit.layers.biased_conv_gelu: 368 → 345 ms);
