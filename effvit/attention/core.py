@@ -11,12 +11,16 @@ layout (batch, tokens, heads, head_dim) that `jax.nn.dot_product_attention` take
 path needs no transposes. Softmax always runs in float32.
 
 When a caller makes the `"attention"` collection mutable (visualisation, analysis), the
-probabilities are computed explicitly and sown there; otherwise the fused path is used
-(`jax.nn.dot_product_attention`, cuDNN where shapes allow) or, on CPU, a C++ kernel for few
-keys (`few_keys_attention`: spatial reduction's 49 keys, Twins' 7x7 windows) and elsewhere a
+probabilities are computed explicitly and sown there; otherwise a fused path is used: on a
+GPU `jax.nn.dot_product_attention` (`fused_attention`: cuDNN's kernel for bfloat16 / float16
+and head widths it takes, XLA's otherwise), on CPU a C++ kernel for few keys
+(`few_keys_attention`: spatial reduction's 49 keys, Twins' 7x7 windows) and elsewhere a
 keys-major layout.
 """
 from __future__ import annotations
+
+import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -77,10 +81,59 @@ def attend(module: nn.Module, q: jax.Array, k: jax.Array, v: jax.Array,
   if jax.default_backend() == "cpu":
     fused = few_keys_attention(q, k, v) if mask is None else None
     return keys_major_attention(q, k, v, mask) if fused is None else fused
+  return fused_attention(q, k, v, mask)
+
+
+# cuDNN's fused attention takes head widths that are multiples of 8 up to 128 (256 from Hopper
+# on) in float16 / bfloat16, on compute capability 8.0 and later; effvit's heads are 32-64 wide.
+CUDNN_MAX_HEAD_DIM = 128
+CUDNN_MIN_COMPUTE_CAPABILITY = (8, 0)
+
+
+def cudnn_supported(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+                    device=None) -> bool:
+  """Whether `fused_attention` asks cuDNN for these operands on `device` (default: the first).
+
+  A mask becomes a bias, which cuDNN's gradient takes only for even query and key counts
+  (Twins' padded 7x7 windows are not). `EFFVIT_CUDNN_ATTENTION=0` turns cuDNN off."""
+  if os.environ.get("EFFVIT_CUDNN_ATTENTION", "1") == "0":
+    return False
+  device = jax.devices()[0] if device is None else device
+  if device.platform != "gpu":
+    return False
+  try:
+    capability = tuple(int(p) for p in str(device.compute_capability).split("."))
+  except (AttributeError, ValueError):   # not a CUDA device (ROCm reports gfx names)
+    return False
+  d = q.shape[-1]
+  return (capability >= CUDNN_MIN_COMPUTE_CAPABILITY
+          and q.dtype in (jnp.bfloat16, jnp.float16) and q.dtype == k.dtype == v.dtype
+          and d % 8 == 0 and d <= CUDNN_MAX_HEAD_DIM and k.shape[-1] == v.shape[-1] == d
+          and (mask is None or q.shape[1] % 2 == k.shape[1] % 2 == 0))
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                    mask: jax.Array | None = None) -> jax.Array:
+  """`jax.nn.dot_product_attention` (B, N, h, d), with cuDNN's fused kernel where
+  `cudnn_supported` says so and XLA's otherwise.
+
+  jax's default (implementation=None) is XLA's, which writes the (N, M) logits and
+  probabilities to memory, so cuDNN has to be asked for. Where jax still finds, while
+  tracing, that cuDNN cannot take the call (no cuDNN found, an unsupported pattern), it warns
+  and uses XLA's, which gives the same attention."""
   if mask is not None and mask.ndim == 4 and mask.shape[1] == 1:
     mask = jnp.broadcast_to(mask, mask.shape[:1] + (q.shape[2],) + mask.shape[2:])
-  # The XLA implementation upcasts the logits to float32 before the softmax.
-  out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=softmax_scale(q))
+  scale = softmax_scale(q)
+  if cudnn_supported(q, k, v, mask):
+    try:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                         implementation="cudnn")
+      return out.astype(v.dtype)
+    except (NotImplementedError, RuntimeError, ValueError) as err:
+      warnings.warn(f"effvit: cuDNN attention unavailable for q {q.shape} {q.dtype}, "
+                    f"{k.shape[1]} keys ({err}); using XLA's", stacklevel=2)
+  # XLA's implementation upcasts the logits to float32 before the softmax.
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
   return out.astype(v.dtype)
 
 
