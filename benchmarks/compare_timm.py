@@ -36,6 +36,12 @@ process (effvit.profile.tune_cpu_allocator: no mmap for large blocks, no trimmin
 so both frameworks run with it; the default leaves glibc as it is. The setting is printed with
 the results.
 
+On a GPU (JAX's default backend), timm runs on CUDA in the same process (JAX's memory
+preallocation is off so that both fit), `--dtype bfloat16` is timm under
+`torch.autocast("cuda", torch.bfloat16)`, the peak matmul is 8192², and an `MFU` column gives
+the model FLOP/s (as counted above) over the GPU's dense bfloat16 tensor-core peak from its
+data sheet (`--peak-tflops` for GPUs the table below does not know, or other dtypes).
+
 LaViT has no timm model: lavit_small is compared with timm's pvt_v2_b2 (same PVTv2 layout,
 attention in every layer), and effvit's all-vanilla-attention layout of lavit_small
 (`lavit_small_allva`, va_layers = depths) is listed against the same reference.
@@ -57,6 +63,10 @@ from effvit.benchmark_utils import EffvitRunner, TimmRunner, interleave, set_thr
 
 ALL_MODELS = ("pvt_v2_b0", "pvt_v2_b2", "twins_pcpvt_small", "twins_svt_small", "resnest50d",
               "lavit_small")
+# Dense (no sparsity) bfloat16 tensor-core TFLOP/s from NVIDIA's data sheets, for MFU; the
+# first name found in the device kind wins (so "H100 PCIe" before "H100").
+SPEC_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0),
+                    ("L40S", 362.0), ("L4", 121.0))
 # effvit name -> (timm reference name, effvit overrides, note); None: no timm model.
 REFERENCES = {
     "lavit_small": ("pvt_v2_b2", {}, "timm has no LaViT: reference is pvt_v2_b2"),
@@ -83,10 +93,19 @@ def parse_args(argv=None):
                  help="skip timing the jit compile of pvt_v2_b2's train step")
   p.add_argument("--malloc", default="default", choices=("default", "tuned"))
   p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+  p.add_argument("--peak-tflops", type=float, default=None,
+                 help="the device's spec peak for the MFU column (default: known GPUs, bfloat16)")
   return p.parse_args(argv)
 
 
 # --- measurement ----------------------------------------------------------------------------
+
+def spec_peak_tflops(device_kind: str, dtype: str) -> float | None:
+  """The data-sheet peak of a known GPU in bfloat16, else None (no MFU column)."""
+  if dtype != "bfloat16":
+    return None
+  return next((t for name, t in SPEC_BF16_TFLOPS if name in device_kind), None)
+
 
 def matmul_gflops(jax, jnp, dtype: str = "float32", n: int = 4096, reps: int = 5) -> float:
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
@@ -143,6 +162,8 @@ def run_one(name: str, batch: int, args, peak: float, rows: list) -> None:
     row["gflops"] = flops * eff.gmacs * ips["effvit"]
     row["timm_gflops"] = flops * reference_gmacs(name, ref_name, args.res, eff.gmacs) * ips["timm"]
     row["peak_frac"] = row["gflops"] / peak
+    if args.peak_tflops:
+      row["mfu"] = row["gflops"] / (1e3 * args.peak_tflops)
     rows.append(row)
     print(format_row(row), flush=True)
   del eff, timm_eager, timm_comp
@@ -159,13 +180,14 @@ def format_row(r: dict) -> str:
           f"timm {r['timm']:7.1f} ({r['effvit'] / r['timm']:.2f}x)  compiled "
           f"{fmt(comp)} ({fmt(comp and r['effvit'] / comp, '.2f')}x)"
           + (f"  {r['gflops']:.0f} GFLOP/s = {100 * r['peak_frac']:.0f}% of peak (timm "
-             f"{r['timm_gflops']:.0f})" if "gflops" in r else ""))
+             f"{r['timm_gflops']:.0f})" if "gflops" in r else "")
+          + (f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else ""))
 
 
 def table(rows: list, markdown: bool) -> str:
   head = ["model", "timm ref", "batch", "mode", "effvit img/s", "timm eager img/s", "ratio",
           "timm compiled img/s", "ratio", "effvit GFLOP/s", "% of matmul peak",
-          "timm % of peak", "ceiling"]
+          "timm % of peak", "ceiling", "MFU %"]
   lines = []
   for r in rows:
     comp = r["timm_compiled"]
@@ -176,7 +198,8 @@ def table(rows: list, markdown: bool) -> str:
                   fmt(r.get("gflops"), ".0f"),
                   fmt(r.get("peak_frac") and 100 * r["peak_frac"], ".0f"),
                   fmt(r.get("timm_peak_frac") and 100 * r["timm_peak_frac"], ".0f"),
-                  fmt(r.get("timm_peak_frac") and 1 / r["timm_peak_frac"], ".2f")])
+                  fmt(r.get("timm_peak_frac") and 1 / r["timm_peak_frac"], ".2f"),
+                  fmt(r.get("mfu") and 100 * r["mfu"], ".1f")])
   if markdown:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(l) + " |" for l in lines]
@@ -188,6 +211,8 @@ def table(rows: list, markdown: bool) -> str:
 
 def machine_info(threads: int) -> str:
   import platform
+  import jax
+  gpu = jax.devices()[0].device_kind + ", " if jax.default_backend() == "gpu" else ""
   model = "unknown CPU"
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -198,7 +223,7 @@ def machine_info(threads: int) -> str:
   except (OSError, StopIteration):
     pass
   load = os.getloadavg()
-  return (f"{model}, {threads} cores used, {platform.python_version()}, load average "
+  return (f"{gpu}{model}, {threads} cores used, {platform.python_version()}, load average "
           f"{load[0]:.2f} at the end")
 
 
@@ -210,6 +235,7 @@ def main(argv=None):
     if not tune_cpu_allocator():
       raise SystemExit("--malloc tuned needs glibc")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # leave GPU memory to torch
   import jax
   import jax.numpy as jnp
   import torch
@@ -224,8 +250,12 @@ def main(argv=None):
         f"{torch.__version__} with {torch.get_num_threads()} threads; timm {timm.__version__}; "
         f"dtype {args.dtype}; malloc {args.malloc}; {args.res}px", flush=True)
 
-  peaks = [matmul_gflops(jax, jnp, args.dtype)]
-  print(f"{args.dtype} 4096² matmul: {peaks[0]:.0f} GFLOP/s", flush=True)
+  gpu = jax.default_backend() == "gpu"
+  n = 8192 if gpu else 4096
+  if args.peak_tflops is None:
+    args.peak_tflops = spec_peak_tflops(jax.devices()[0].device_kind, args.dtype) if gpu else None
+  peaks = [matmul_gflops(jax, jnp, args.dtype, n)]
+  print(f"{args.dtype} {n}² matmul: {peaks[0]:.0f} GFLOP/s", flush=True)
   compile_s = None
   batches = [int(b) for b in args.batch.split(",")]
   if not args.no_compile_time:
@@ -237,7 +267,7 @@ def main(argv=None):
   for batch in batches:
     for name in args.models.split(","):
       run_one(name, batch, args, max(peaks), rows)
-    peaks.append(matmul_gflops(jax, jnp, args.dtype))
+    peaks.append(matmul_gflops(jax, jnp, args.dtype, n))
   peak = max(peaks)
   # Fractions against the best peak seen in the run.
   for r in rows:
@@ -249,8 +279,10 @@ def main(argv=None):
   print(f"Threads: XLA {threads} (affinity mask), torch {torch.get_num_threads()}; malloc "
         f"{args.malloc}; dtype {args.dtype}; {args.res}x{args.res}; medians of {args.reps} "
         f"interleaved repetitions of {args.steps} calls after {args.warmup} warm-up rounds")
-  print(f"Matmul peak ({args.dtype} 4096², JAX): {peak:.0f} GFLOP/s "
+  print(f"Matmul peak ({args.dtype} {n}², JAX): {peak:.0f} GFLOP/s "
         f"(measurements: {', '.join(f'{p:.0f}' for p in peaks)})")
+  if args.peak_tflops:
+    print(f"MFU against a spec peak of {args.peak_tflops:g} TFLOP/s")
   if compile_s is not None:
     print(f"jit compile of the pvt_v2_b2 train step (batch {batches[0]}): {compile_s:.1f} s")
   notes = sorted({f"{r['model']}: {r['note']}" for r in rows if r["note"]})

@@ -3,7 +3,8 @@
 Everything here times compiled work only: effvit's functions are compiled ahead of time
 (`jax.jit(f).lower(*args).compile()`, which also gives the compile time and XLA's memory
 analysis), warmed up, and every timed call blocks until its result is ready. timm is run eagerly
-in eval mode under `torch.inference_mode()` for inference and with AdamW for training.
+in eval mode under `torch.inference_mode()` for inference and with AdamW for training, on the
+device JAX uses (a CUDA GPU or the CPU), and also waits for its results.
 """
 from __future__ import annotations
 
@@ -91,6 +92,16 @@ def device_peak_bytes() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
+def model_for(name: str, overrides: dict, res: int, dtype: str = "float32"):
+  """Registry model `name` in `dtype`, built for `res`-pixel inputs where it has an img_size
+  (LaViT's Θ/Ψ are sized by it; an explicit override wins)."""
+  from effvit.models import create_model
+  from effvit.models.registry import model_fields
+  if "img_size" in model_fields(name):
+    overrides = {"img_size": res, **overrides}
+  return create_model(name, dtype=dtype, **overrides)
+
+
 class EffvitRunner:
   """A model's compiled inference and train step (effvit.train.state.train_step: forward,
   backward, optax AdamW, donated state) on random images and labels."""
@@ -129,11 +140,10 @@ class EffvitRunner:
 
   @classmethod
   def from_name(cls, name: str, overrides: dict, batch: int, res: int, dtype: str = "float32"):
-    """By registry name, in `dtype`; `.gmacs` is the float32 model's count at `res`."""
-    from effvit.models import create_model
+    """By registry name, in `dtype` (`model_for`); `.gmacs` is the float32 model's count."""
     from effvit.profile import model_cost
-    runner = cls(create_model(name, dtype=dtype, **overrides), batch, res)
-    runner.gmacs = model_cost(create_model(name, **overrides), res)["gmacs"]
+    runner = cls(model_for(name, overrides, res, dtype), batch, res)
+    runner.gmacs = model_cost(model_for(name, overrides, res), res)["gmacs"]
     return runner
 
   def infer(self):
@@ -144,19 +154,35 @@ class EffvitRunner:
     metrics["loss"].block_until_ready()
 
 
+def torch_device() -> str:
+  """The torch device matching JAX's backend: "cuda" when JAX runs on a GPU, else "cpu"."""
+  import jax
+  import torch
+  if jax.default_backend() != "gpu":
+    return "cpu"
+  if not torch.cuda.is_available():
+    raise SystemExit("JAX runs on the GPU but this torch has no CUDA: install a CUDA build of "
+                     "torch, or set JAX_PLATFORMS=cpu to compare on the CPU")
+  return "cuda"
+
+
 class TimmRunner:
-  """timm eager (or torch.compile'd) inference and AdamW train step on random inputs."""
+  """timm eager (or torch.compile'd) inference and AdamW train step on random inputs, on the
+  device JAX uses (`torch_device`); bfloat16 is autocast (timm's AMP), float32 parameters."""
 
   def __init__(self, name: str, batch: int, res: int, dtype: str = "float32",
-               compiled: bool = False, **model_kwargs):
+               compiled: bool = False, device: str | None = None, **model_kwargs):
     import torch
     from effvit.reference import timm_model
 
     self.torch = torch
+    self.device = device or torch_device()
+    if self.device == "cuda":
+      torch.backends.cudnn.benchmark = True   # timm's own benchmark sets it: fixed shapes
     torch.manual_seed(0)
-    self.model = timm_model(name, **model_kwargs)
-    self.x = torch.randn(batch, 3, res, res)
-    self.y = torch.randint(0, self.model.num_classes, (batch,))
+    self.model = timm_model(name, **model_kwargs).to(self.device)
+    self.x = torch.randn(batch, 3, res, res, device=self.device)
+    self.y = torch.randint(0, self.model.num_classes, (batch,), device=self.device)
     self.autocast = dtype == "bfloat16"
     self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.05)
     self.fn = torch.compile(self.model) if compiled else self.model
@@ -166,13 +192,19 @@ class TimmRunner:
 
   def _ctx(self):
     import contextlib
-    return (self.torch.autocast("cpu", dtype=self.torch.bfloat16) if self.autocast
+    return (self.torch.autocast(self.device, dtype=self.torch.bfloat16) if self.autocast
             else contextlib.nullcontext())
+
+  def _wait(self):
+    """CUDA calls return before the GPU is done; time until it is."""
+    if self.device == "cuda":
+      self.torch.cuda.synchronize()
 
   def infer(self):
     self.model.eval()
     with self.torch.inference_mode(), self._ctx():
       self.fn(self.x)
+    self._wait()
 
   def train(self):
     self.model.train()
@@ -181,3 +213,4 @@ class TimmRunner:
     self.opt.zero_grad(set_to_none=True)
     loss.backward()
     self.opt.step()
+    self._wait()

@@ -1,0 +1,47 @@
+"""benchmarks/compare_timm.py's set-up: the data-sheet peaks behind its MFU column, the device
+timm runs on, and models built for the benchmark's resolution."""
+import pathlib
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from effvit.benchmark_utils import model_for
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import compare_timm  # noqa: E402
+
+
+@pytest.mark.parametrize("kind, dtype, tflops", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4),   # SXM
+    ("NVIDIA H100 PCIe", "bfloat16", 756.0),        # not the SXM figure
+    ("NVIDIA H200", "bfloat16", 989.4),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312.0),
+    ("NVIDIA L40S", "bfloat16", 362.0),             # not L4's
+    ("NVIDIA L4", "bfloat16", 121.0),
+    ("Tesla T4", "bfloat16", None),                 # unknown: no MFU column
+    ("NVIDIA H100 80GB HBM3", "float32", None),     # the table is bfloat16's
+])
+def test_spec_peak(kind, dtype, tflops):
+  assert compare_timm.spec_peak_tflops(kind, dtype) == tflops
+
+
+def test_mfu_flag_parses():
+  assert compare_timm.parse_args(["--peak-tflops", "989.4"]).peak_tflops == 989.4
+  assert compare_timm.parse_args([]).peak_tflops is None
+
+
+def test_timm_runs_where_jax_does():
+  pytest.importorskip("torch")
+  from effvit.benchmark_utils import torch_device
+  import jax
+  assert torch_device() == ("cuda" if jax.default_backend() == "gpu" else "cpu")
+
+
+def test_models_are_built_for_the_benchmark_resolution():
+  """LaViT's Θ/Ψ are sized by img_size: a 64-px benchmark needs a 64-px model; an explicit
+  override wins, and models without img_size (ResNeSt) build as they are."""
+  assert model_for("lavit_tiny", {}, 64).config.img_size == 64
+  assert model_for("lavit_tiny", {"img_size": 96}, 64).config.img_size == 96
+  assert model_for("pvt_v2_b0", {}, 224, "bfloat16").config.dtype == jnp.bfloat16
+  model_for("resnest14d", {}, 64)
