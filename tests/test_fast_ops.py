@@ -10,7 +10,8 @@ from effvit.layers import (Dense, DepthwiseConv, GroupedConv, PatchConv, depthwi
                            depthwise_conv_gelu, linear)
 from effvit.pooling import avg_pool, max_pool
 from effvit.xla_cpu import compiler_options
-from pyramid_helpers import abstract_variables, compile_fast, grouped_conv, random_variables
+from pyramid_helpers import (FAST_COMPILE, abstract_variables, compile_fast, grouped_conv,
+                             random_variables)
 
 
 @pytest.mark.parametrize("shape,k", [((2, 5, 7, 6), 3), ((1, 1, 1, 4), 3), ((3, 6, 4, 5), 5),
@@ -310,3 +311,20 @@ def test_remat_changes_memory_not_results(name, kw, tol):
                                                                  np.abs(b).max())
   jax.tree.map(close, g1, g0)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s1, s0)
+
+
+def test_remat_plans_less_memory_under_the_train_options():
+  """With effvit's train-step options (effvit.xla_cpu) remat recomputes each block in the
+  backward instead of storing its activations: pvt_v2_b0's gradient at 64 px plans 4.1
+  instead of 11.3 MiB of temporaries (XLA:CPU's default pipeline planned 11.3 for both)."""
+  from effvit.models import create_model
+  x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+  temps = []
+  for remat in (False, True):
+    model = create_model("pvt_v2_b0", remat=remat)
+    params = abstract_variables(model, x.shape)["params"]
+    grad = jax.grad(lambda p, x: model.apply({"params": p}, x).sum())
+    options = {**compiler_options("train"), **FAST_COMPILE}
+    compiled = jax.jit(grad, compiler_options=options).lower(params, x).compile()
+    temps.append(compiled.memory_analysis().temp_size_in_bytes)
+  assert temps[1] < 0.5 * temps[0]
