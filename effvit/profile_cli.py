@@ -24,6 +24,7 @@ resolution at every resolution (as models/lavit.py measures it).
 from __future__ import annotations
 
 import copy
+import os
 import sys
 
 from absl import flags
@@ -200,4 +201,8 @@ def main(config, workdir=None):
 
 def run(argv: list[str] | None = None) -> None:
   """Parse flags and profile; exits (status 2 and one line on a user error)."""
-  cli.run(main, sys.argv if argv is None else argv)
+  argv = sys.argv if argv is None else argv
+  if any(a in ("--compare-timm", "--compare-timm=true") for a in argv):
+    # On a GPU torch shares the device: JAX must not take 75% of its memory up front.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  cli.run(main, argv)
