@@ -86,11 +86,33 @@ def test_on_only_where_it_applies(monkeypatch):
   monkeypatch.setattr(cpu_kernels, "_single_device", lambda: True)
   assert core.few_keys_attention(q, k, v) is not None
   assert core.few_keys_attention(q[None], k[None], v[None]).shape == (1,) + q.shape
-  bf16 = lambda a: a.astype(jnp.bfloat16)
-  assert core.few_keys_attention(bf16(q), bf16(k), bf16(v)) is None
   wide = jnp.zeros((2, core.FUSED_MAX_KEYS + 1, 2, 16))
   assert core.few_keys_attention(q, wide, wide) is None
   assert core.few_keys_attention(q[..., :12], k[..., :12], v[..., :12]) is None   # d % 16
+
+
+@needs_compiler
+def test_bfloat16_runs_the_kernel_in_float32(monkeypatch):
+  """bfloat16 q, k, v are widened for the kernel and its output rounded once: the result is
+  the float32 kernel's on the rounded operands, within bfloat16's rounding of float64
+  attention, and the gradients come back in bfloat16."""
+  monkeypatch.setattr(cpu_kernels, "_single_device", lambda: True)
+  q, k, v, g = operands(np.random.default_rng(5), 2, 40, 7, 2, 16)
+  bf16 = lambda a: a.astype(jnp.bfloat16)
+  qb, kb, vb = bf16(q), bf16(k), bf16(v)
+  out = core.few_keys_attention(qb, kb, vb)
+  assert out is not None and out.dtype == jnp.bfloat16
+  f32 = lambda a: a.astype(jnp.float32)
+  np.testing.assert_array_equal(
+      np.asarray(f32(out)), np.asarray(f32(bf16(core.few_keys_attention(f32(qb), f32(kb),
+                                                                          f32(vb))))))
+  want = attention_float64(f32(qb), f32(kb), f32(vb), g)[0]
+  np.testing.assert_allclose(np.asarray(f32(out)), want, rtol=8e-3, atol=8e-3)
+  grads = jax.grad(lambda q, k, v: jnp.sum(f32(core.few_keys_attention(q, k, v)) * g),
+                   argnums=(0, 1, 2))(qb, kb, vb)
+  assert all(a.dtype == jnp.bfloat16 for a in grads)
+  monkeypatch.setattr(core, "BFLOAT16_IN_FLOAT32", False)
+  assert core.few_keys_attention(qb, kb, vb) is None
 
 
 MODULES = {

@@ -159,12 +159,17 @@ def keys_major_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 # Above this many keys, or with head widths not a multiple of 16, XLA's ops are kept.
 FUSED_MAX_KEYS = 256
+# bfloat16 q, k, v go to the kernel widened to float32 (output rounded once), where XLA:CPU
+# widened them op by op: bfloat16 train steps, batch 8, interleaved medians: pvt_v2_b0 348 ->
+# 287 ms, twins_svt_small 1048 -> 911, pvt_v2_b2 1454 -> 1359; inference even.
+BFLOAT16_IN_FLOAT32 = True
 
 
 def few_keys_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array | None:
   """`attend` without a mask in one C++ pass per direction (effvit.cpu_kernels, attention.cc),
-  None where it does not apply: float32 on XLA:CPU with one device, at most FUSED_MAX_KEYS
-  keys, head width a multiple of 16, q, k and v with the same leading dimensions. The logits
+  None where it does not apply: float32 (or bfloat16, widened) on XLA:CPU with one device, at
+  most FUSED_MAX_KEYS keys, head width a multiple of 16, q, k and v with the same leading
+  dimensions. The logits
   and probabilities stay in cache, where XLA writes and rereads them in a dozen passes.
   Alone, against keys_major_attention (benchmarks/attention_kernel.py, 2-core Zen 4, batch
   32): pvt_v2_b0's first stage (3136 queries, 49 keys) 2.1x forward and 2.9x forward +
@@ -176,9 +181,11 @@ def few_keys_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array | 
   if k.shape[:-3] != lead or v.shape != k.shape or k.shape[-3] > FUSED_MAX_KEYS or d % 16:
     return None
   q4, k4, v4 = (a.reshape((-1,) + a.shape[-3:]) for a in (q, k, v))
+  if BFLOAT16_IN_FLOAT32 and q.dtype == k.dtype == v.dtype == jnp.bfloat16:
+    q4, k4, v4 = (a.astype(jnp.float32) for a in (q4, k4, v4))
   if not cpu_kernels.float32_usable(q4, k4, v4):
     return None
-  return _fused_attention(q4, k4, v4).reshape(q.shape)
+  return _fused_attention(q4, k4, v4).reshape(q.shape).astype(q.dtype)
 
 
 @jax.custom_vjp
