@@ -100,8 +100,12 @@ void SumOverRowChunks(ffi::ThreadPool& pool, int64_t rows, int64_t n, float* out
   AddInOrder(pp, chunks, n, n, out);
 }
 
-// Shape checks of FFI buffers: (rows, columns), and (n,).
+// Shape checks of FFI buffers: (rows, columns), (rows, cols) with cols < 0 for any, and (n,).
 inline bool IsRows(ffi::Span<const int64_t> d) { return d.size() == 2; }
+
+inline bool IsMatrix(ffi::Span<const int64_t> d, int64_t rows, int64_t cols = -1) {
+  return d.size() == 2 && d[0] == rows && (cols < 0 || d[1] == cols);
+}
 
 inline bool IsVector(ffi::Span<const int64_t> d, int64_t n) { return d.size() == 1 && d[0] == n; }
 

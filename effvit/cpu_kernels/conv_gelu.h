@@ -6,6 +6,7 @@
 #ifndef EFFVIT_CPU_KERNELS_CONV_GELU_H_
 #define EFFVIT_CPU_KERNELS_CONV_GELU_H_
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -208,6 +209,20 @@ void GeluGradRowBlock(int64_t w, int64_t c, const float* const xr[3], const floa
     if (u_row != nullptr) Store<V>(u_row + s * c + c0, h * cdf);
   }
 }
+
+// How the fused ConvFFN's forward and gradient split a batch of height x width maps. Rows go
+// in groups of at least kGroupPixels pixels (one row at 56 wide, all 7 rows at 7): each group
+// of h is one matmul, and so is each of y, whose rows are too short alone to keep the tiles
+// busy and read the weights once per row. At least 8 tasks for the threads to balance, in
+// bands of whole groups of an image.
+struct RowGroups {
+  static constexpr int64_t kGroupPixels = 64;
+  int64_t group, groups, bands;
+  RowGroups(int64_t batch, int64_t height, int64_t width)
+      : group(std::clamp<int64_t>(kGroupPixels / width, 1, height)),
+        groups((height + group - 1) / group),
+        bands(std::clamp<int64_t>((8 + batch - 1) / batch, 1, groups)) {}
+};
 
 }  // namespace effvit
 

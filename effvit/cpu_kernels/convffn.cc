@@ -28,15 +28,7 @@
 
 namespace ffi = xla::ffi;
 
-namespace {
-
 using namespace effvit;
-
-constexpr int64_t kGroupPixels = 64;   // pixels a group needs to keep the matmul tiles busy
-
-bool IsMatrix(ffi::Span<const int64_t> d, int64_t rows) { return d.size() == 2 && d[0] == rows; }
-
-}  // namespace
 
 static ffi::Error ConvFfn(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::F32> w1, ffi::Buffer<ffi::F32> b1,
@@ -59,13 +51,8 @@ static ffi::Error ConvFfn(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float *kp = k.typed_data(), *kbp = kb.typed_data(), *w2p = w2.typed_data();
   const float* b2p = b2.typed_data();
   float* yp = y->typed_data();
-  // Rows go in groups of at least kGroupPixels pixels (one row at 56 wide, all 7 rows at 7):
-  // each group of h is one matmul, and so is each of y, whose rows are too short alone to keep
-  // the tiles busy and read the weights once per row.
-  const int64_t group = std::clamp<int64_t>(kGroupPixels / width, 1, height);
-  const int64_t groups = (height + group - 1) / group;
-  // At least 8 tasks for the threads to balance, in bands of whole groups of an image.
-  const int64_t bands = std::clamp<int64_t>((8 + batch - 1) / batch, 1, groups);
+  const RowGroups split(batch, height, width);
+  const int64_t group = split.group, groups = split.groups, bands = split.bands;
   // Hidden rows are often whole pages long (56 x 256 floats): the ring's slots and u are set
   // apart by odd multiples of 64 bytes, so that reads of one do not alias stores to another
   // within a page (see GeluForwardRow).

@@ -36,12 +36,6 @@ namespace {
 
 using namespace effvit;
 
-constexpr int64_t kGroupPixels = 64;   // as the forward: enough rows to keep the tiles busy
-
-bool IsMatrix(ffi::Span<const int64_t> d, int64_t rows, int64_t cols) {
-  return d.size() == 2 && d[0] == rows && d[1] == cols;
-}
-
 // acc[f] += Σ_{i < m} rows[i n + f], f < n.
 void AddRows(const float* rows, int64_t m, int64_t n, float* acc) {
   ForChannelBlocks(n, [&](auto lane, int64_t f) {
@@ -88,9 +82,8 @@ static ffi::Error ConvFfnBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float *b1p = b1.typed_data(), *kp = k.typed_data(), *kbp = kb.typed_data();
   const float *w2tp = w2t.typed_data(), *gyp = gy.typed_data();
   float* dxp = dx->typed_data();
-  const int64_t group = std::clamp<int64_t>(kGroupPixels / width, 1, height);
-  const int64_t groups = (height + group - 1) / group;
-  const int64_t bands = std::clamp<int64_t>((8 + batch - 1) / batch, 1, groups);
+  const RowGroups split(batch, height, width);   // as the forward's
+  const int64_t group = split.group, groups = split.groups, bands = split.bands;
   // Slots set apart by odd multiples of 64 bytes against 4K aliasing (see GeluForwardRow).
   const int64_t row = width * d, slot_stride = group * row + 16;
   const Sums sums(c, d, f);
