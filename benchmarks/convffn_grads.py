@@ -11,7 +11,6 @@ the kernel for the shape (CONVFFN_GRAD_KERNEL_MAX_WEIGHTS).
 from __future__ import annotations
 
 import argparse
-import time
 
 # name: (batch, map width, C, D); F = C
 SHAPES = {"pvt_v2_b0 56 px": (32, 56, 32, 256), "pvt_v2_b0 28 px": (32, 28, 64, 512),
@@ -29,16 +28,8 @@ def main(argv=None):
   import jax
   import numpy as np
   from effvit import cpu_kernels, layers
+  from effvit.benchmark_utils import interleave
   from effvit.xla_cpu import compiler_options
-
-  def timed(f, *a):
-    jax.block_until_ready(f(*a))
-    times = []
-    for _ in range(5):
-      t = time.perf_counter()
-      jax.block_until_ready(f(*a))
-      times.append(time.perf_counter() - t)
-    return float(np.median(times)) * 1e3
 
   def three_ops(a, g):
     return jax.vjp(layers._convffn_layers, *a)[1](g)
@@ -57,13 +48,13 @@ def main(argv=None):
     if kernels(a, g)[1] is None:
       raise SystemExit("the C++ kernels do not run here (no compiler, or several devices)")
     fa, fb = (jax.jit(f, compiler_options=options) for f in (three_ops, kernels))
-    ta, tb = [], []
-    for _ in range(args.reps):
-      ta.append(timed(fa, a, g))
-      tb.append(timed(fb, a, g))
+    runners = {"three ops": lambda: jax.block_until_ready(fa(a, g)),
+               "kernels": lambda: jax.block_until_ready(fb(a, g))}
+    medians = [interleave(runners, steps=1, reps=5, warmup=1) for _ in range(args.reps)]
+    ta, tb = (1e3 * min(m[k] for m in medians) for k in runners)
     used = 2 * c * d <= layers.CONVFFN_GRAD_KERNEL_MAX_WEIGHTS
-    print(f"{name:18s} (B {b}, C {c}, D {d}): three ops {min(ta):6.1f} ms, kernels "
-          f"{min(tb):6.1f} ms ({min(ta) / min(tb):.2f}x){'  used' if used else ''}", flush=True)
+    print(f"{name:18s} (B {b}, C {c}, D {d}): three ops {ta:6.1f} ms, kernels "
+          f"{tb:6.1f} ms ({ta / tb:.2f}x){'  used' if used else ''}", flush=True)
 
 
 if __name__ == "__main__":
