@@ -17,14 +17,21 @@ needs_compiler = pytest.mark.skipif(cpu_kernels._compiler() is None, reason="no 
 _erf = np.vectorize(math.erf)
 
 
-def convffn_float64(x, w1, b1, kernel, bias, w2, b2):
-  x, w1, b1, kernel, bias, w2, b2 = (np.asarray(a, np.float64)
-                                     for a in (x, w1, b1, kernel, bias, w2, b2))
+TAPS = [(i, j) for i in range(3) for j in range(3)]
+
+
+def hidden_float64(x, w1, b1, kernel, bias):
+  """(h zero-padded, z): fc1, then the depthwise conv and its bias, in float64."""
+  x, w1, b1, kernel, bias = (np.asarray(a, np.float64) for a in (x, w1, b1, kernel, bias))
   _, height, width, _ = x.shape
-  h = np.pad(x @ w1 + b1, ((0, 0), (1, 1), (1, 1), (0, 0)))   # zero padding after fc1's bias
-  conv = bias + sum(h[:, i:i + height, j:j + width] * kernel[i, j]
-                    for i in range(3) for j in range(3))
-  return conv * 0.5 * (1 + _erf(conv / math.sqrt(2))) @ w2 + b2
+  hp = np.pad(x @ w1 + b1, ((0, 0), (1, 1), (1, 1), (0, 0)))   # zero padding after fc1's bias
+  return hp, bias + sum(hp[:, i:i + height, j:j + width] * kernel[i, j] for i, j in TAPS)
+
+
+def convffn_float64(x, w1, b1, kernel, bias, w2, b2):
+  _, z = hidden_float64(x, w1, b1, kernel, bias)
+  w2, b2 = np.asarray(w2, np.float64), np.asarray(b2, np.float64)
+  return z * 0.5 * (1 + _erf(z / math.sqrt(2))) @ w2 + b2
 
 
 def random_operands(rng, b, h, w, c, d, f):
@@ -109,18 +116,15 @@ def test_mlp_uses_the_kernel_in_float32_without_dropout(hw, dtype, deterministic
 def convffn_grads_float64(x, w1, b1, kernel, bias, w2, b2, g):
   """The ConvFFN's gradients in closed form, float64: (dx, dW1, db1, dkernel, dbias, dW2,
   db2)."""
-  x, w1, b1, kernel, bias, w2, g = (np.asarray(a, np.float64)
-                                    for a in (x, w1, b1, kernel, bias, w2, g))
+  hp, z = hidden_float64(x, w1, b1, kernel, bias)
+  x, w1, kernel, w2, g = (np.asarray(a, np.float64) for a in (x, w1, kernel, w2, g))
   _, height, width, _ = x.shape
-  hp = np.pad(x @ w1 + b1, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  taps = [(i, j) for i in range(3) for j in range(3)]
-  z = bias + sum(hp[:, i:i + height, j:j + width] * kernel[i, j] for i, j in taps)
   cdf = 0.5 * (1 + _erf(z / math.sqrt(2)))
   gz = (g @ w2.T) * (cdf + z * np.exp(-z * z / 2) / math.sqrt(2 * math.pi))
   dk = np.stack([np.einsum("bhwd,bhwd->d", gz, hp[:, i:i + height, j:j + width])
-                 for i, j in taps]).reshape(3, 3, -1)
+                 for i, j in TAPS]).reshape(3, 3, -1)
   dhp = np.zeros_like(hp)
-  for i, j in taps:
+  for i, j in TAPS:
     dhp[:, i:i + height, j:j + width] += gz * kernel[i, j]
   dh = dhp[:, 1:-1, 1:-1]
   return (dh @ w1.T, np.einsum("bhwc,bhwd->cd", x, dh), dh.sum((0, 1, 2)), dk,
@@ -186,7 +190,7 @@ def test_training_step_uses_the_gradient_kernel_with_the_layers_gradients(
   for kernel in (True, False):
     if not kernel:
       monkeypatch.setattr(layers, "CONVFFN_GRAD_KERNEL_MAX_WEIGHTS", 0)
-    lowered = jax.jit(jax.grad(lambda v, x: loss(v, x), (0, 1))).lower(variables, x)
+    lowered = jax.jit(jax.grad(loss, (0, 1))).lower(variables, x)
     assert ("effvit_convffn_bwd_f32" in lowered.as_text()) == (used and kernel)
     grads.append(lowered.compile()(variables, x))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5), *grads)
@@ -203,7 +207,7 @@ def test_gradient_through_the_inference_path_is_the_layers_gradient(monkeypatch,
   grads = []
   for min_width in (layers.CONVFFN_KERNEL_MIN_WIDTH, 10 ** 9):
     monkeypatch.setattr(layers, "CONVFFN_KERNEL_MIN_WIDTH", min_width)
-    lowered = jax.jit(jax.grad(lambda v, x: loss(v, x), (0, 1))).lower(variables, x)
+    lowered = jax.jit(jax.grad(loss, (0, 1))).lower(variables, x)
     assert ("effvit_convffn_f32" in lowered.as_text()) == (min_width < 100)
     grads.append(lowered.compile()(variables, x))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), *grads)
@@ -245,5 +249,5 @@ def test_plain_mlp_uses_the_kernel_in_inference_with_the_layers_results(hidden, 
     macs = count_macs(lambda v, x: mlp.apply(v, x, (5, 6)), variables, x)
     assert macs == 60 * (256 * hidden + hidden * 256)
     results.append((fwd.compile()(variables, x),
-                    jax.jit(jax.grad(lambda v, x: loss(v, x), (0, 1)))(variables, x)))
+                    jax.jit(jax.grad(loss, (0, 1)))(variables, x)))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), *results)
