@@ -4,6 +4,8 @@ import functools
 import glob
 import math
 import os
+import subprocess
+import sys
 import tarfile
 
 import jax
@@ -76,6 +78,20 @@ def seen(batches):
 
 
 # ------------------------------------------------------------------------------- digits builder
+
+def test_stepping_a_model_does_not_import_tensorflow():
+  """The train step and the benchmarks run where TensorFlow is not installed (the GPU image of
+  benchmarks/README.md); only the pipeline's names load it."""
+  code = ("import sys; import effvit.data, effvit.train.state, effvit.benchmark_utils, "
+          "effvit.models; assert 'tensorflow' not in sys.modules, 'imported'; "
+          "effvit.data.train_iterator; assert 'tensorflow' in sys.modules, 'not loaded'; "
+          "assert effvit.data.digits.NAME == 'sklearn_digits'")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+    data.nonexistent  # noqa: B018
+
 
 def test_digits_builder_prepares_offline_with_documented_split(digits_dir, digits_examples):
   builder = tfds.builder("sklearn_digits", data_dir=digits_dir)
