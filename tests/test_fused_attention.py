@@ -37,8 +37,9 @@ def attention_float64(q, k, v, mask=None):
     (HOPPER, jnp.bfloat16, 16, 8, 12, False, False),     # head width not a multiple of 8
     (HOPPER, jnp.bfloat16, 16, 8, 136, False, False),    # wider than 128
     (HOPPER, jnp.bfloat16, 16, 8, 64, True, True),       # mask with even lengths
-    (HOPPER, jnp.bfloat16, 49, 49, 64, True, False),     # mask with odd lengths
-    (HOPPER, jnp.bfloat16, 49, 49, 64, False, True),     # 7x7 windows without a mask
+    (HOPPER, jnp.bfloat16, 49, 49, 64, True, False),     # odd lengths: 7x7 windows
+    (HOPPER, jnp.bfloat16, 3136, 49, 64, False, False),  # odd lengths: 49 keys (SRA at 224)
+    (HOPPER, jnp.bfloat16, 4096, 64, 64, False, True),   # 64 keys (SRA at 256 px)
     (types.SimpleNamespace(platform="gpu", compute_capability="7.5"), jnp.bfloat16, 16, 8, 64,
      False, False),                                      # Turing: no flash attention
     (types.SimpleNamespace(platform="gpu", compute_capability="gfx90a"), jnp.bfloat16, 16, 8,

@@ -94,8 +94,9 @@ def cudnn_supported(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
                     device=None) -> bool:
   """Whether `fused_attention` asks cuDNN for these operands on `device` (default: the first).
 
-  A mask becomes a bias, which cuDNN's gradient takes only for even query and key counts
-  (Twins' padded 7x7 windows are not). `EFFVIT_CUDNN_ATTENTION=0` turns cuDNN off."""
+  Query and key counts must be even: jax 0.11.2 on an H100 refused every odd count, so
+  spatial reduction's 49 keys and 7x7 windows keep XLA's attention (jax 0.10 refused odd
+  counts only with a mask, which becomes a bias). `EFFVIT_CUDNN_ATTENTION=0` turns cuDNN off."""
   if os.environ.get("EFFVIT_CUDNN_ATTENTION", "1") == "0":
     return False
   device = jax.devices()[0] if device is None else device
@@ -109,7 +110,7 @@ def cudnn_supported(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
   return (capability >= CUDNN_MIN_COMPUTE_CAPABILITY
           and q.dtype in (jnp.bfloat16, jnp.float16) and q.dtype == k.dtype == v.dtype
           and d % 8 == 0 and d <= CUDNN_MAX_HEAD_DIM and k.shape[-1] == v.shape[-1] == d
-          and (mask is None or q.shape[1] % 2 == k.shape[1] % 2 == 0))
+          and q.shape[1] % 2 == k.shape[1] % 2 == 0)
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
