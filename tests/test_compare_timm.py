@@ -1,5 +1,7 @@
 """benchmarks/compare_timm.py's set-up: the data-sheet peaks behind its MFU column, the device
-timm runs on, and models built for the benchmark's resolution."""
+timm runs on, and models built for the benchmark's resolution; benchmarks/gpu_attention.py's
+guard and switch."""
+import os
 import pathlib
 import sys
 
@@ -45,3 +47,17 @@ def test_models_are_built_for_the_benchmark_resolution():
   assert model_for("lavit_tiny", {"img_size": 96}, 64).config.img_size == 96
   assert model_for("pvt_v2_b0", {}, 224, "bfloat16").config.dtype == jnp.bfloat16
   model_for("resnest14d", {}, 64)
+
+
+def test_gpu_attention_needs_a_cuda_gpu_and_restores_the_switch(monkeypatch):
+  """benchmarks/gpu_attention.py says what it needs on a CPU, and its cuDNN switch is only
+  set while a build is traced."""
+  import gpu_attention
+  with pytest.raises(SystemExit, match="needs a CUDA GPU; JAX's device is cpu"):
+    gpu_attention.main(["--models", ""])
+  monkeypatch.setenv("EFFVIT_CUDNN_ATTENTION", "1")
+  seen = gpu_attention.with_cudnn(False, lambda: os.environ["EFFVIT_CUDNN_ATTENTION"])
+  assert (seen, os.environ["EFFVIT_CUDNN_ATTENTION"]) == ("0", "1")
+  monkeypatch.delenv("EFFVIT_CUDNN_ATTENTION")
+  assert gpu_attention.with_cudnn(True, lambda: os.environ["EFFVIT_CUDNN_ATTENTION"]) == "1"
+  assert "EFFVIT_CUDNN_ATTENTION" not in os.environ
