@@ -162,6 +162,25 @@ def tune_cpu_memory() -> None:
     tune_cpu_allocator()
 
 
+def enable_compilation_cache() -> str | None:
+  """Keep compiled steps on disk (jax's persistent compilation cache), so that resuming a run,
+  re-running a config or evaluating another checkpoint of it loads the train or eval step
+  instead of compiling it again. Returns the directory, None when off.
+
+  EFFVIT_COMPILATION_CACHE sets the directory (default ~/.cache/effvit/jax) and "0" turns it
+  off; a cache directory given to JAX itself (JAX_COMPILATION_CACHE_DIR) wins. jax keeps only
+  compiles that took at least a second and keys each by the program, the compiler options,
+  the devices and the jax version, so a change to any of them compiles afresh."""
+  import jax
+  setting = os.environ.get("EFFVIT_COMPILATION_CACHE", "")
+  if setting == "0":
+    return None
+  if not jax.config.jax_compilation_cache_dir:
+    path = setting or os.path.join(os.path.expanduser("~"), ".cache", "effvit", "jax")
+    jax.config.update("jax_compilation_cache_dir", path)
+  return jax.config.jax_compilation_cache_dir
+
+
 class _StderrHandler(logging.StreamHandler):
   """Writes to whatever sys.stderr is when a record is emitted, so a notebook or test that
   swaps sys.stderr after main() ran (or closes its replacement) does not break logging."""
@@ -184,15 +203,19 @@ def setup_logging() -> None:
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run(main: Callable, argv: list[str] | None = None, require_config: bool = True) -> None:
+def run(main: Callable, argv: list[str] | None = None, require_config: bool = True,
+        compilation_cache: bool = True) -> None:
   """Parse flags, call main(config, workdir); exit 2 with one line on a user error.
-  With require_config=False a missing --config reaches main as None."""
+  With require_config=False a missing --config reaches main as None. compilation_cache=False
+  (the profiler, which times compiles) leaves jax's persistent cache off."""
   argv = list(sys.argv if argv is None else argv)
   try:
     parse_flags(argv, require_config)
     setup_logging()
     init_distributed()
     tune_cpu_memory()
+    if compilation_cache:
+      enable_compilation_cache()
     result = main(flags.FLAGS.config, _WORKDIR.value)
   except EffvitError as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)

@@ -205,4 +205,4 @@ def run(argv: list[str] | None = None) -> None:
   if any(a in ("--compare-timm", "--compare-timm=true") for a in argv):
     # On a GPU torch shares the device: JAX must not take 75% of its memory up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-  cli.run(main, argv)
+  cli.run(main, argv, compilation_cache=False)   # it times compiles

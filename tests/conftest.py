@@ -9,6 +9,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                                    "--xla_backend_optimization_level=0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# cli.run (run in-process by several tests) would turn on jax's persistent compilation cache
+# for the rest of the session and write to ~/.cache: tests that want it set a directory.
+os.environ.setdefault("EFFVIT_COMPILATION_CACHE", "0")
 
 import logging
 import pathlib

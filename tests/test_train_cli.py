@@ -119,3 +119,45 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path):
     assert lines[-1].startswith(ERRORS[name][1]), (name, lines[-1])
     assert sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in err
     assert not (tmp_path / name).exists()
+
+
+CACHED_STEP = """
+import json, sys
+import jax
+from effvit import cli
+hits = []
+jax.monitoring.register_event_listener(
+    lambda name, **kw: hits.append(name) if name == "/jax/compilation_cache/cache_hits" else None)
+
+def main(config, workdir):
+  from effvit.benchmark_utils import EffvitRunner, model_for
+  runner = EffvitRunner(model_for("pvt_v2_b0", {}, 32), 2, 32)
+  runner.state, metrics = runner.compiled["train"](runner.state, runner._batch)
+  print(json.dumps({"loss": float(metrics["loss"]), "hits": len(hits),
+                    "dir": jax.config.jax_compilation_cache_dir}))
+
+cli.run(main, ["train.py"], require_config=False)
+"""
+
+
+def test_a_second_process_loads_the_compiled_steps(tmp_path):
+  """cli.run turns on jax's persistent compilation cache (EFFVIT_COMPILATION_CACHE): a second
+  run of the same steps loads them, C++ kernel calls included, and computes the same loss."""
+  cache = tmp_path / "jax-cache"
+  run_env = {**env(1), "EFFVIT_COMPILATION_CACHE": str(cache),
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}   # this tiny model compiles fast
+  runs = []
+  for _ in range(2):
+    out = subprocess.run([sys.executable, "-c", CACHED_STEP], cwd=ROOT, env=run_env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+  assert runs[0]["dir"] == str(cache) and any(cache.iterdir())
+  assert runs[0]["hits"] == 0 and runs[1]["hits"] >= 3   # init, inference and train steps
+  assert runs[1]["loss"] == runs[0]["loss"]
+
+  off = subprocess.run([sys.executable, "-c", CACHED_STEP], cwd=ROOT,
+                       env={**run_env, "EFFVIT_COMPILATION_CACHE": "0"},
+                       capture_output=True, text=True, timeout=300)
+  assert off.returncode == 0, off.stderr[-3000:]
+  assert json.loads(off.stdout.strip().splitlines()[-1])["hits"] == 0
