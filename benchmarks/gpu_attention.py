@@ -1,6 +1,6 @@
 """cuDNN's fused attention against XLA's on a CUDA GPU, for effvit's shapes and models.
 
-    python benchmarks/gpu_attention.py --models ''             # kernels only, ~1 min
+    python benchmarks/gpu_attention.py --models ''        # shapes only, under 3 min on an H100
     python benchmarks/gpu_attention.py --no-kernels --models pvt_v2_b2,twins_svt_small
 
 Kernels: for each (N queries, M keys, heads, head width) of benchmarks/attention_kernel.py in
