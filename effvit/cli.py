@@ -177,6 +177,14 @@ def enable_compilation_cache() -> str | None:
     return None
   if not jax.config.jax_compilation_cache_dir:
     path = setting or os.path.join(os.path.expanduser("~"), ".cache", "effvit", "jax")
+    try:   # an unwritable directory would warn at every compile: say it once and compile
+      os.makedirs(path, exist_ok=True)
+      if not os.access(path, os.W_OK):
+        raise PermissionError(f"{path} is not writable")
+    except OSError as e:
+      logging.warning("compiled steps are not cached (%s); set EFFVIT_COMPILATION_CACHE to a "
+                      "writable directory, or to 0", e)
+      return None
     jax.config.update("jax_compilation_cache_dir", path)
   return jax.config.jax_compilation_cache_dir
 

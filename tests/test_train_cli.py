@@ -161,3 +161,17 @@ def test_a_second_process_loads_the_compiled_steps(tmp_path):
                        capture_output=True, text=True, timeout=300)
   assert off.returncode == 0, off.stderr[-3000:]
   assert json.loads(off.stdout.strip().splitlines()[-1])["hits"] == 0
+
+
+def test_an_unwritable_cache_directory_warns_once_and_compiles(tmp_path, monkeypatch, caplog):
+  import jax
+  from effvit import cli
+  (tmp_path / "file").write_text("")
+  monkeypatch.setenv("EFFVIT_COMPILATION_CACHE", str(tmp_path / "file" / "cache"))
+  before = jax.config.jax_compilation_cache_dir
+  with caplog.at_level("WARNING"):
+    assert cli.enable_compilation_cache() is None
+  assert jax.config.jax_compilation_cache_dir == before
+  assert [r.getMessage() for r in caplog.records] == [
+      f"compiled steps are not cached ([Errno 20] Not a directory: '{tmp_path / 'file' / 'cache'}'); set "
+      "EFFVIT_COMPILATION_CACHE to a writable directory, or to 0"]
