@@ -510,17 +510,35 @@ _convffn_trained.defvjp(lambda *args: (cpu_kernels.convffn(*args), args[:6]),
 CONVFFN_GRAD_KERNEL_MAX_WEIGHTS = 1 << 17
 
 
+# In bfloat16 models the fused kernels still run in float32 (their tokens are float32), where
+# XLA's dots would run on the CPU's bfloat16 units: they win only while the weights are small.
+# bfloat16 inference, alone, XLA's bfloat16 ops / the float32 kernel, batch 8 and 32: ConvFFN
+# 1.7x and 1.2x faster with the kernel at 2 x 8K and 2 x 32K weights, 0.67-0.96x from 2 x 100K
+# on; the plain MLP alike.
+BFLOAT16_KERNEL_MAX_WEIGHTS = 1 << 17
+
+
+def _kernel_weights_fit(fc1: nn.Module, p1: dict, p2: dict, max_weights: int | None) -> bool:
+  """Whether the two weight matrices are small enough for a fused kernel: at most max_weights
+  floats (None: any), and at most BFLOAT16_KERNEL_MAX_WEIGHTS in a bfloat16 model."""
+  limits = [max_weights] if max_weights is not None else []
+  if fc1.dtype is not None and jnp.dtype(fc1.dtype) == jnp.bfloat16:
+    limits.append(BFLOAT16_KERNEL_MAX_WEIGHTS)
+  return p1["kernel"].size + p2["kernel"].size <= min(limits, default=float("inf"))
+
+
 def fused_convffn(x: jax.Array, hw: tuple[int, int], fc1: nn.Module, conv: nn.Module,
                   fc2: nn.Module, train: bool = False) -> jax.Array | None:
   """The ConvFFN fc2(gelu(conv(fc1(x)))) on tokens x in one C++ pass (cpu_kernels.convffn), from
   the bound layers' parameters; None where it does not apply (maps narrower than
-  CONVFFN_KERNEL_MIN_WIDTH, not float32, kernels unusable, and with `train` weights above
+  CONVFFN_KERNEL_MIN_WIDTH, not float32, kernels unusable, weights above
+  BFLOAT16_KERNEL_MAX_WEIGHTS in a bfloat16 model, and with `train` weights above
   CONVFFN_GRAD_KERNEL_MAX_WEIGHTS floats): the caller runs the layers. Differentiable: with
   `train` by the one-pass gradient kernel, otherwise by recomputing the three ops."""
   if hw[1] < CONVFFN_KERNEL_MIN_WIDTH:
     return None
   p1, pc, p2 = (m.variables["params"] for m in (fc1, conv, fc2))
-  if train and p1["kernel"].size + p2["kernel"].size > CONVFFN_GRAD_KERNEL_MAX_WEIGHTS:
+  if not _kernel_weights_fit(fc1, p1, p2, CONVFFN_GRAD_KERNEL_MAX_WEIGHTS if train else None):
     return None
   args = (tokens_to_map(x, hw), p1["kernel"], p1["bias"], pc["kernel"][:, :, 0], pc["bias"],
           p2["kernel"], p2["bias"])
@@ -545,10 +563,10 @@ _mlp = _with_layers_gradient(cpu_kernels.mlp, _mlp_layers)
 def fused_mlp(x: jax.Array, fc1: nn.Module, fc2: nn.Module) -> jax.Array | None:
   """The transformer MLP fc2(gelu(fc1(x))) on tokens x in one C++ pass (cpu_kernels.mlp), from
   the bound layers' parameters; None where it does not apply (weights above
-  MLP_KERNEL_MAX_WEIGHTS floats, not float32, kernels unusable). Differentiable, as
-  fused_convffn."""
+  MLP_KERNEL_MAX_WEIGHTS floats, or BFLOAT16_KERNEL_MAX_WEIGHTS in a bfloat16 model, not
+  float32, kernels unusable). Differentiable, as fused_convffn."""
   p1, p2 = (m.variables["params"] for m in (fc1, fc2))
-  if p1["kernel"].size + p2["kernel"].size > MLP_KERNEL_MAX_WEIGHTS:
+  if not _kernel_weights_fit(fc1, p1, p2, MLP_KERNEL_MAX_WEIGHTS):
     return None
   args = (x.reshape(-1, x.shape[-1]), p1["kernel"], p1["bias"], p2["kernel"], p2["bias"])
   if not cpu_kernels.float32_usable(*args):
@@ -561,8 +579,8 @@ class Mlp(nn.Module):
 
   `dwconv=False`: the plain transformer MLP (PVTv1, Twins). `dwconv=True`: PVTv2's ConvFFN,
   whose zero-padded depthwise conv is the model's only position encoding; `relu=True` adds the
-  ReLU that PVTv2-li places before that conv. In float32 inference on XLA:CPU either is one
-  C++ pass where it applies (`fused_convffn`, `fused_mlp`); in training without dropout
+  ReLU that PVTv2-li places before that conv. In inference on XLA:CPU (float32 tokens, also
+  in bfloat16 models) either is one C++ pass where it applies (`fused_convffn`, `fused_mlp`); in training without dropout
   inside it, so is the ConvFFN, forward and gradient (`fused_convffn(..., train=True)`).
   """
   hidden_dim: int

@@ -113,6 +113,24 @@ def test_mlp_uses_the_kernel_in_float32_without_dropout(hw, dtype, deterministic
                              rtol=tol, atol=tol)
 
 
+@needs_compiler
+@pytest.mark.parametrize("dwconv,target", [(True, "effvit_convffn_f32"),
+                                           (False, "effvit_mlp_f32")])
+def test_bfloat16_models_use_the_float32_kernels_only_with_small_weights(
+    dwconv, target, monkeypatch, single_device):
+  """bfloat16 models feed the fused kernels float32 tokens: they run while the weights are at
+  most BFLOAT16_KERNEL_MAX_WEIGHTS (2 x 24 x 40 = 1920 here), XLA's bfloat16 dots beyond."""
+  x = jnp.asarray(np.random.default_rng(8).standard_normal((2, 6 * 16, 24)), jnp.float32)
+  used = {}
+  for dtype, limit in ((jnp.bfloat16, 1920), (jnp.bfloat16, 1919), (jnp.float32, 1919)):
+    monkeypatch.setattr(layers, "BFLOAT16_KERNEL_MAX_WEIGHTS", limit)
+    mlp = Mlp(40, dwconv=dwconv, dtype=dtype)
+    variables = mlp.init(jax.random.key(0), x, (6, 16))
+    text = jax.jit(lambda v, x: mlp.apply(v, x, (6, 16))).lower(variables, x).as_text()
+    used[jnp.dtype(dtype).name, limit] = target in text
+  assert used == {("bfloat16", 1920): True, ("bfloat16", 1919): False, ("float32", 1919): True}
+
+
 def convffn_grads_float64(x, w1, b1, kernel, bias, w2, b2, g):
   """The ConvFFN's gradients in closed form, float64: (dx, dW1, db1, dkernel, dbias, dW2,
   db2)."""
