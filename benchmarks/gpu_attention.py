@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from unittest import mock
 
 from attention_kernel import SHAPES
 
@@ -39,15 +40,8 @@ def parse_args(argv=None):
 
 def with_cudnn(on: bool, build):
   """build() with EFFVIT_CUDNN_ATTENTION set for its tracing, then restored."""
-  old = os.environ.get("EFFVIT_CUDNN_ATTENTION")
-  os.environ["EFFVIT_CUDNN_ATTENTION"] = "1" if on else "0"
-  try:
+  with mock.patch.dict(os.environ, {"EFFVIT_CUDNN_ATTENTION": "1" if on else "0"}):
     return build()
-  finally:
-    if old is None:
-      del os.environ["EFFVIT_CUDNN_ATTENTION"]
-    else:
-      os.environ["EFFVIT_CUDNN_ATTENTION"] = old
 
 
 def kernels(args) -> None:
@@ -64,9 +58,9 @@ def kernels(args) -> None:
     k, v = (jax.random.normal(k, (b, m, heads, d), jnp.bfloat16) for k in keys[2:])
     exact = core.apply_attention(core.attention_probs(*(a.astype(jnp.float32) for a in (q, k))),
                                  v.astype(jnp.float32))
+    loss = lambda q, k, v: (core.fused_attention(q, k, v).astype(jnp.float32) * g).sum()
     runners, errors, calls = {}, {}, {}
     for tag, on in (("xla", False), ("cudnn", True)):
-      loss = lambda q, k, v: (core.fused_attention(q, k, v).astype(jnp.float32) * g).sum()
       fwd = with_cudnn(on, lambda: jax.jit(core.fused_attention).lower(q, k, v).compile())
       grad = with_cudnn(on, lambda: jax.jit(jax.grad(loss, (0, 1, 2))).lower(q, k, v).compile())
       calls[tag] = fwd.as_text().count(CUDNN_CALL) + grad.as_text().count(CUDNN_CALL)

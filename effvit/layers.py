@@ -580,8 +580,9 @@ class Mlp(nn.Module):
   `dwconv=False`: the plain transformer MLP (PVTv1, Twins). `dwconv=True`: PVTv2's ConvFFN,
   whose zero-padded depthwise conv is the model's only position encoding; `relu=True` adds the
   ReLU that PVTv2-li places before that conv. In inference on XLA:CPU (float32 tokens, also
-  in bfloat16 models) either is one C++ pass where it applies (`fused_convffn`, `fused_mlp`); in training without dropout
-  inside it, so is the ConvFFN, forward and gradient (`fused_convffn(..., train=True)`).
+  in bfloat16 models) either is one C++ pass where it applies (`fused_convffn`, `fused_mlp`);
+  in training without dropout inside it, so is the ConvFFN, forward and gradient
+  (`fused_convffn(..., train=True)`).
   """
   hidden_dim: int
   dwconv: bool = False

@@ -173,5 +173,6 @@ def test_an_unwritable_cache_directory_warns_once_and_compiles(tmp_path, monkeyp
     assert cli.enable_compilation_cache() is None
   assert jax.config.jax_compilation_cache_dir == before
   assert [r.getMessage() for r in caplog.records] == [
-      f"compiled steps are not cached ([Errno 20] Not a directory: '{tmp_path / 'file' / 'cache'}'); set "
-      "EFFVIT_COMPILATION_CACHE to a writable directory, or to 0"]
+      f"compiled steps are not cached ([Errno 20] Not a directory: "
+      f"'{tmp_path / 'file' / 'cache'}'); set EFFVIT_COMPILATION_CACHE to a writable directory, "
+      "or to 0"]

@@ -170,8 +170,8 @@ def few_keys_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array | 
   """`attend` without a mask in one C++ pass per direction (effvit.cpu_kernels, attention.cc),
   None where it does not apply: float32 (or bfloat16, widened) on XLA:CPU with one device, at
   most FUSED_MAX_KEYS keys, head width a multiple of 16, q, k and v with the same leading
-  dimensions. The logits
-  and probabilities stay in cache, where XLA writes and rereads them in a dozen passes.
+  dimensions. The logits and probabilities stay in cache, where XLA writes and rereads them in
+  a dozen passes.
   Alone, against keys_major_attention (benchmarks/attention_kernel.py, 2-core Zen 4, batch
   32): pvt_v2_b0's first stage (3136 queries, 49 keys) 2.1x forward and 2.9x forward +
   gradient, its last (49 and 49) 1.1x and 1.3x, Twins' 7x7 windows 1.7x and 2.0x. Training
