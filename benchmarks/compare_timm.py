@@ -95,7 +95,11 @@ def parse_args(argv=None):
   p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
   p.add_argument("--peak-tflops", type=float, default=None,
                  help="the device's spec peak for the MFU column (default: known GPUs, bfloat16)")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  unknown = set(args.modes.split(",")) - {"inference", "train"}
+  if unknown:
+    p.error(f"--modes takes inference and/or train, comma-separated; got {sorted(unknown)}")
+  return args
 
 
 # --- measurement ----------------------------------------------------------------------------
@@ -130,7 +134,7 @@ def run_one(name: str, batch: int, args, peak: float, rows: list) -> None:
   import torch
   ref_name, overrides, note = REFERENCES.get(name, (name, {}, ""))
   eff = EffvitRunner.from_name(name.replace("_allva", ""), overrides, batch, args.res,
-                              args.dtype)
+                              args.dtype, modes=args.modes.split(","))
   timm_eager = TimmRunner(ref_name, batch, args.res, args.dtype, compiled=False)
   timm_comp, comp_error = None, ""
   if not args.no_compile:
@@ -259,8 +263,8 @@ def main(argv=None):
   compile_s = None
   batches = [int(b) for b in args.batch.split(",")]
   if not args.no_compile_time:
-    compile_s = EffvitRunner.from_name("pvt_v2_b2", {}, batches[0], args.res,
-                                       args.dtype).compile_seconds["train"]
+    compile_s = EffvitRunner.from_name("pvt_v2_b2", {}, batches[0], args.res, args.dtype,
+                                       modes=("train",)).compile_seconds["train"]
     print(f"pvt_v2_b2 train step (batch {batches[0]}): jit lower + compile {compile_s:.1f} s",
           flush=True)
   rows = []

@@ -107,7 +107,8 @@ class EffvitRunner:
   backward, optax AdamW, donated state) on random images and labels."""
 
   def __init__(self, model, batch: int, res: int, *, num_classes: int | None = None,
-               in_chans: int = 3, seed: int = 0):
+               in_chans: int = 3, seed: int = 0, modes=("inference", "train")):
+    """`modes`: the steps to compile (on a GPU each can take minutes)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -130,19 +131,21 @@ class EffvitRunner:
         state, b, model=model, tx=tx, base_rng=jax.random.key(seed + 1), num_classes=num_classes,
         mixup={}, aux_weights={"dp_loss": 0.1}, ema_decay=0.0)
     self._batch = {"image": self.x, "label": self.y}
-    built = {"inference": aot_compile(lambda v, x: model.apply(v, x), self.variables, self.x,
-                                      kind="inference"),
-             "train": aot_compile(step, self.state, self._batch, donate_argnums=(0,),
-                                  kind="train", dtype=compute_dtype(model))}
+    build = {"inference": lambda: aot_compile(lambda v, x: model.apply(v, x), self.variables,
+                                              self.x, kind="inference"),
+             "train": lambda: aot_compile(step, self.state, self._batch, donate_argnums=(0,),
+                                          kind="train", dtype=compute_dtype(model))}
+    built = {mode: build[mode]() for mode in modes}
     self.compiled = {mode: c for mode, (c, _) in built.items()}
     self.compile_seconds = {mode: s for mode, (_, s) in built.items()}
     self.memory = {mode: compiled_memory(c) for mode, c in self.compiled.items()}
 
   @classmethod
-  def from_name(cls, name: str, overrides: dict, batch: int, res: int, dtype: str = "float32"):
+  def from_name(cls, name: str, overrides: dict, batch: int, res: int, dtype: str = "float32",
+                modes=("inference", "train")):
     """By registry name, in `dtype` (`model_for`); `.gmacs` is the float32 model's count."""
     from effvit.profile import model_cost
-    runner = cls(model_for(name, overrides, res, dtype), batch, res)
+    runner = cls(model_for(name, overrides, res, dtype), batch, res, modes=modes)
     runner.gmacs = model_cost(model_for(name, overrides, res), res)["gmacs"]
     return runner
 

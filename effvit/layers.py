@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Any
 
 import jax
@@ -160,6 +161,24 @@ def layer_norm(eps: float, name: str | None = None) -> LayerNorm:
   return LayerNorm(epsilon=eps, name=name)
 
 
+def native_convs() -> bool:
+  """Whether convs are XLA's own grouped and strided convolutions (cuDNN's on a GPU) rather
+  than the rewrites that XLA:CPU needs (depthwise convs as shifted adds, groups as separate
+  convs, strided patches as matmuls): with EFFVIT_NATIVE_CONVS=1. Parameters and results are
+  the same both ways. The rewrites stay the default on every backend, GPUs included, until
+  benchmarks/gpu_attention.py --switch convs has measured native convs faster there: the
+  GPU figures in README.md were measured with the rewrites."""
+  return os.environ.get("EFFVIT_NATIVE_CONVS", "0") == "1"
+
+
+def _grouped_conv(x: jax.Array, kernel: jax.Array, stride: int, padding, groups: int):
+  """lax's conv of NHWC x with an HWIO kernel of I = C / groups input channels per group."""
+  pad = padding if isinstance(padding, str) else ((padding, padding),) * 2
+  return jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (stride, stride), pad,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      feature_group_count=groups)
+
+
 def tokens_to_map(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
   return x.reshape(x.shape[0], hw[0], hw[1], x.shape[-1])
 
@@ -294,7 +313,8 @@ biased_conv_gelu.defvjp(_biased_conv_gelu_fwd, _biased_conv_gelu_bwd)
 class DepthwiseConv(nn.Module):
   """Drop-in for nn.Conv(C, (k, k), padding=k // 2, feature_group_count=C): the same
   parameters (`kernel` (k, k, 1, C), `bias` (C,)) and init, computed by `depthwise_conv`;
-  `gelu=True` applies the exact GELU to the output (`depthwise_conv_gelu`, one fused op)."""
+  `gelu=True` applies the exact GELU to the output (`depthwise_conv_gelu`, one fused op).
+  With `native_convs()` it is XLA's grouped conv, bias and GELU as autodiff sees them."""
   kernel_size: int = 3
   use_bias: bool = True
   gelu: bool = False
@@ -309,13 +329,18 @@ class DepthwiseConv(nn.Module):
     bias = (self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
             if self.use_bias else None)
     x = x.astype(self.dtype)
+    if in_bias is not None and not self.gelu:
+      raise ValueError("DepthwiseConv: in_bias is fused with gelu=True only")
+    if native_convs():
+      x = x if in_bias is None else x + in_bias.astype(x.dtype)
+      y = _grouped_conv(x, kernel, 1, k // 2, groups=c)
+      y = y if bias is None else y + bias.astype(self.dtype)
+      return gelu(y) if self.gelu else y
     if self.gelu:
       bias = jnp.zeros((c,)) if bias is None else bias
       if in_bias is not None:
         return biased_conv_gelu(x, kernel[:, :, 0], bias, in_bias)
       return depthwise_conv_gelu(x, kernel[:, :, 0], bias)
-    if in_bias is not None:
-      raise ValueError("DepthwiseConv: in_bias is fused with gelu=True only")
     y = depthwise_conv(x, kernel[:, :, 0])
     return y if bias is None else y + bias.astype(self.dtype)
 
@@ -327,7 +352,7 @@ class PatchConv(nn.Module):
   floor output size (trailing rows/columns that fill no patch are dropped). XLA:CPU's gradient
   of a strided conv is several times slower than the matmul's (6x for PVT's 8×8/8 spatial
   reduction); with k = 1 (a pointwise conv, as in ResNeSt) the matmul is 1.4-2.5x faster
-  forward and ~2x in the gradient.
+  forward and ~2x in the gradient. With `native_convs()`, k > 1 is XLA's strided conv.
   """
   features: int
   patch: int
@@ -346,6 +371,9 @@ class PatchConv(nn.Module):
             if self.use_bias else None)
     if k == 1:   # a 2-D matmul, for the kernel gradient's sake (see Dense)
       return linear(x.reshape(-1, c), kernel.reshape(c, -1), bias).reshape(b, h, w, -1)
+    if native_convs():
+      y = _grouped_conv(x, kernel, k, "VALID", groups=1)
+      return y if bias is None else y + bias.astype(self.dtype)
     # patches are strided views: a copy to 2-D costs what it saves
     x = x.reshape(b, h // k, k, w // k, k, c)
     y = jnp.einsum("bhiwjc,ijcf->bhwf", x, kernel.astype(self.dtype))
@@ -353,8 +381,7 @@ class PatchConv(nn.Module):
 
 
 def _conv_same(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 1):
-  return jax.lax.conv_general_dilated(x, kernel, (stride,) * 2, ((padding,) * 2,) * 2,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return _grouped_conv(x, kernel, stride, padding, groups=1)
 
 
 # The C++ filter gradient wins on large maps with few channels, XLA's where maps are small
@@ -394,7 +421,8 @@ class GroupedConv(nn.Module):
   The same parameters (`kernel` (k, k, C / groups, F), `bias`) and init as nn.Conv. XLA:CPU runs
   grouped convs on a slow generic path: for ResNeSt's radix-2 3×3 conv the dense convs of the
   groups are 4-9x faster forward and ~9x faster in the gradient. 3×3 convs with stride 1 on
-  maps at least FILTER_GRAD_KERNEL_MIN_WIDTH wide go through `conv3x3`.
+  maps at least FILTER_GRAD_KERNEL_MIN_WIDTH wide go through `conv3x3`. With `native_convs()`
+  it is one grouped conv (feature_group_count=groups).
   """
   features: int
   kernel_size: int
@@ -415,17 +443,26 @@ class GroupedConv(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (k, k, c // g, self.features),
                         self.param_dtype).astype(self.dtype)
     x = x.astype(self.dtype)
-    conv = functools.partial(_conv_same, stride=self.strides, padding=self.padding)
-    if ((k, self.strides, self.padding) == (3, 1, 1)
-        and x.shape[2] >= FILTER_GRAD_KERNEL_MIN_WIDTH and cpu_kernels.usable(x)):
-      conv = conv3x3
-    ci, co = c // g, self.features // g
-    y = jnp.concatenate([conv(x[..., i * ci:(i + 1) * ci], kernel[..., i * co:(i + 1) * co])
-                         for i in range(g)], axis=-1)
+    if native_convs():
+      y = _grouped_conv(x, kernel, self.strides, self.padding, groups=g)
+    else:
+      y = _split_grouped_conv(x, kernel, g, self.strides, self.padding)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,),
                          self.param_dtype).astype(self.dtype)
     return y
+
+
+def _split_grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, stride: int,
+                        padding: int) -> jax.Array:
+  """GroupedConv on XLA:CPU: a dense conv per group of channels, concatenated."""
+  conv = functools.partial(_conv_same, stride=stride, padding=padding)
+  if ((kernel.shape[0], stride, padding) == (3, 1, 1)
+      and x.shape[2] >= FILTER_GRAD_KERNEL_MIN_WIDTH and cpu_kernels.usable(x)):
+    conv = conv3x3
+  ci, co = x.shape[-1] // groups, kernel.shape[-1] // groups
+  return jnp.concatenate([conv(x[..., i * ci:(i + 1) * ci], kernel[..., i * co:(i + 1) * co])
+                          for i in range(groups)], axis=-1)
 
 
 class Dense(nn.Dense):

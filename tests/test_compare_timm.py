@@ -3,6 +3,7 @@ timm runs on, and models built for the benchmark's resolution; benchmarks/gpu_at
 guard and switch."""
 import os
 import pathlib
+import re
 import sys
 
 import jax.numpy as jnp
@@ -50,14 +51,52 @@ def test_models_are_built_for_the_benchmark_resolution():
 
 
 def test_gpu_attention_needs_a_cuda_gpu_and_restores_the_switch(monkeypatch):
-  """benchmarks/gpu_attention.py says what it needs on a CPU, and its cuDNN switch is only
-  set while a build is traced."""
+  """benchmarks/gpu_attention.py says what it needs on a CPU, and its switches are only set
+  while a build is traced."""
   import gpu_attention
   with pytest.raises(SystemExit, match="needs a CUDA GPU; JAX's device is cpu"):
     gpu_attention.main(["--models", ""])
-  monkeypatch.setenv("EFFVIT_CUDNN_ATTENTION", "1")
-  seen = gpu_attention.with_cudnn(False, lambda: os.environ["EFFVIT_CUDNN_ATTENTION"])
-  assert (seen, os.environ["EFFVIT_CUDNN_ATTENTION"]) == ("0", "1")
-  monkeypatch.delenv("EFFVIT_CUDNN_ATTENTION")
-  assert gpu_attention.with_cudnn(True, lambda: os.environ["EFFVIT_CUDNN_ATTENTION"]) == "1"
-  assert "EFFVIT_CUDNN_ATTENTION" not in os.environ
+  for switch, var in (("attention", "EFFVIT_CUDNN_ATTENTION"), ("convs", "EFFVIT_NATIVE_CONVS")):
+    monkeypatch.setenv(var, "1")
+    seen = gpu_attention.with_switch(False, lambda: os.environ[var], switch)
+    assert (seen, os.environ[var]) == ("0", "1")
+    monkeypatch.delenv(var)
+    assert gpu_attention.with_switch(True, lambda: os.environ[var], switch) == "1"
+    assert var not in os.environ
+
+
+def test_gpu_attention_models_part_builds_each_way_of_the_switch(capsys, monkeypatch):
+  # The models part's plumbing, without compiling: each build is traced with the switch set
+  # its way, and its calls, compile time and speed are reported.
+  import gpu_attention
+  from effvit import benchmark_utils
+  seen = []
+
+  class Runner:
+    def __init__(self, model, batch, res, modes):
+      native = os.environ["EFFVIT_NATIVE_CONVS"] == "1"
+      seen.append((model, batch, res, modes, native))
+      self.compiled = {"train": type("C", (), {"as_text": lambda _: "__cudnn$conv" * native})()}
+      self.compile_seconds = {"train": 7.0 if native else 9.0}
+      self.train = lambda: None
+
+  monkeypatch.setattr(benchmark_utils, "EffvitRunner", Runner)
+  monkeypatch.setattr(benchmark_utils, "model_for", lambda *a: a)
+  gpu_attention.models(gpu_attention.parse_args(
+      ["--switch", "convs", "--models", "pvt_v2_b0", "--res", "32", "--batch", "2",
+       "--steps", "1", "--reps", "1"]))
+  model = ("pvt_v2_b0", {}, 32, "bfloat16")
+  assert seen == [(model, 2, 32, ("train",), False), (model, 2, 32, ("train",), True)]
+  out = capsys.readouterr().out
+  assert "img/s rewrites -> native" in out
+  assert "pvt_v2_b0 rewrites: compiled in 9 s, 0 __cudnn$conv calls" in out
+  assert "pvt_v2_b0 native: compiled in 7 s, 1 __cudnn$conv calls" in out
+  assert re.search(r"pvt_v2_b0 +[\d.]+ -> +[\d.]+ img/s \([\d.]+x\); compile 9 -> 7 s", out), out
+
+
+def test_compare_timm_rejects_unknown_modes(capsys):
+  assert compare_timm.parse_args(["--modes", "train"]).modes == "train"
+  with pytest.raises(SystemExit):
+    compare_timm.parse_args(["--modes", "train,infer"])
+  assert "--modes takes inference and/or train, comma-separated; got ['infer']" in \
+      capsys.readouterr().err

@@ -8,6 +8,7 @@ import flax.linen as nn
 from effvit.attention.core import keys_major_attention
 from effvit.layers import (Dense, DepthwiseConv, GroupedConv, PatchConv, depthwise_conv,
                            depthwise_conv_gelu, linear)
+from effvit.layers import native_convs as native_convs_enabled
 from effvit.pooling import avg_pool, max_pool
 from effvit.xla_cpu import compiler_options
 from pyramid_helpers import (FAST_COMPILE, abstract_variables, compile_fast, grouped_conv,
@@ -64,7 +65,14 @@ def test_depthwise_conv_second_use_and_jit():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_depthwise_module_is_a_drop_in_for_nn_conv():
+@pytest.fixture(params=["0", "1"], ids=["cpu_rewrites", "native_convs"])
+def native_convs(request, monkeypatch):
+  """Both ways of computing the conv modules: XLA:CPU's rewrites and XLA's native convs."""
+  monkeypatch.setenv("EFFVIT_NATIVE_CONVS", request.param)
+  return request.param == "1"
+
+
+def test_depthwise_module_is_a_drop_in_for_nn_conv(native_convs):
   x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 7, 5, 8)), jnp.float32)
   ours = DepthwiseConv(3)
   ref = nn.Conv(8, (3, 3), padding=1, feature_group_count=8)
@@ -111,6 +119,43 @@ def test_depthwise_conv_gelu_matches_conv_bias_then_gelu(dtype, tol):
     np.testing.assert_allclose(a.astype(jnp.float32), b, rtol=tol, atol=tol * 10)
 
 
+def test_native_convs_are_opt_in(monkeypatch):
+  monkeypatch.delenv("EFFVIT_NATIVE_CONVS", raising=False)
+  assert not native_convs_enabled()
+  for forced in ("0", "1"):
+    monkeypatch.setenv("EFFVIT_NATIVE_CONVS", forced)
+    assert native_convs_enabled() == (forced == "1")
+
+
+def test_native_convs_are_what_the_jaxpr_runs(monkeypatch):
+  # The switch changes the program: one grouped conv for a depthwise conv with its GELU and
+  # fc1's bias (in_bias), and none where the CPU rewrite takes its place.
+  x = jnp.ones((1, 6, 6, 4))
+  module = DepthwiseConv(3, gelu=True)
+  variables = module.init(jax.random.key(0), x)
+  for forced, convs in (("1", 1), ("0", 0)):
+    monkeypatch.setenv("EFFVIT_NATIVE_CONVS", forced)
+    text = str(jax.make_jaxpr(lambda v: module.apply(v, x, in_bias=jnp.ones(4)))(variables))
+    assert text.count("conv_general_dilated") == convs, text
+    if convs:
+      assert "feature_group_count=4" in text
+
+
+def test_depthwise_conv_with_in_bias_and_gelu_agrees_both_ways(native_convs):
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.standard_normal((2, 5, 6, 8)), jnp.float32)
+  in_bias = jnp.asarray(rng.standard_normal(8), jnp.float32)
+  module = DepthwiseConv(3, gelu=True)
+  variables = jax.tree.map(lambda v: v + 0.2, module.init(jax.random.key(0), x))
+  ref = jax.nn.gelu(grouped_conv(x + in_bias, variables["params"]["kernel"][:, :, 0])
+                    + variables["params"]["bias"], approximate=False)
+  np.testing.assert_allclose(module.apply(variables, x, in_bias=in_bias), ref,
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="gelu=True only"):
+    DepthwiseConv(3).apply({"params": {k: v for k, v in variables["params"].items()}}, x,
+                           in_bias=in_bias)
+
+
 def test_depthwise_conv_rejects_even_kernels():
   with pytest.raises(ValueError, match="odd kernel"):
     depthwise_conv(jnp.zeros((1, 4, 4, 2)), jnp.zeros((2, 2, 2)))
@@ -131,7 +176,8 @@ def assert_drop_in(ours, ref, x):
 
 @pytest.mark.parametrize("groups,kernel,strides,padding,bias", [
     (2, 3, 1, 1, False), (4, 3, 2, 1, True), (1, 1, 1, 0, True), (3, 1, 1, 0, True)])
-def test_grouped_conv_is_a_drop_in_for_nn_conv(groups, kernel, strides, padding, bias):
+def test_grouped_conv_is_a_drop_in_for_nn_conv(groups, kernel, strides, padding, bias,
+                                               native_convs):
   x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 9, 7, 12)), jnp.float32)
   assert_drop_in(GroupedConv(24, kernel, groups, strides, padding, use_bias=bias),
                  nn.Conv(24, (kernel, kernel), strides, padding, feature_group_count=groups,
@@ -139,7 +185,7 @@ def test_grouped_conv_is_a_drop_in_for_nn_conv(groups, kernel, strides, padding,
 
 
 @pytest.mark.parametrize("patch,hw", [(4, (8, 12)), (2, (7, 5)), (8, (8, 8)), (1, (3, 4))])
-def test_patch_conv_is_a_drop_in_for_strided_nn_conv(patch, hw):
+def test_patch_conv_is_a_drop_in_for_strided_nn_conv(patch, hw, native_convs):
   # Odd sizes: the last row / column that fills no patch is dropped, as VALID padding does.
   x = jnp.asarray(np.random.default_rng(6).standard_normal((2, *hw, 5)), jnp.float32)
   assert_drop_in(PatchConv(6, patch), nn.Conv(6, (patch, patch), strides=patch, padding="VALID"),
@@ -328,3 +374,30 @@ def test_remat_plans_less_memory_under_the_train_options():
     compiled = jax.jit(grad, compiler_options=options).lower(params, x).compile()
     temps.append(compiled.memory_analysis().temp_size_in_bytes)
   assert temps[1] < 0.5 * temps[0]
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("pvt_v2_b0", dict(depths=(1, 1, 1, 1))),            # depthwise ConvFFN, overlapping embed, SR
+    ("twins_pcpvt_small", dict(depths=(1, 1, 1, 1))),    # PEG, patch embeds
+    ("resnest14d", dict(radix=2, cardinality=2, base_width=8)),   # grouped split convs
+])
+def test_models_are_the_same_with_native_convs(name, kw, monkeypatch):
+  # Native convs and XLA:CPU's rewrites of them: one model, one function.
+  from effvit.models import create_model
+  model = create_model(name, **kw)
+  x = jnp.asarray(np.random.default_rng(8).standard_normal((2, 32, 32, 3)), jnp.float32)
+  variables = random_variables(model, x.shape, seed=3)
+  if "batch_stats" in variables:   # running statistics as initialised, not random variances
+    variables["batch_stats"] = jax.tree_util.tree_map_with_path(
+        lambda path, v: jnp.ones_like(v) if path[-1].key == "var" else jnp.zeros_like(v),
+        variables["batch_stats"])
+  loss = lambda v: jnp.sum(jnp.sin(model.apply(v, x)))
+  outs = []
+  for forced in ("0", "1"):
+    monkeypatch.setenv("EFFVIT_NATIVE_CONVS", forced)
+    outs.append(compile_fast(jax.value_and_grad(loss), variables)(variables))
+  (l0, g0), (l1, g1) = outs
+  np.testing.assert_allclose(l0, l1, rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3,
+                                                       atol=1e-4 * float(jnp.abs(b).max())),
+               g0, g1)
