@@ -164,10 +164,11 @@ def layer_norm(eps: float, name: str | None = None) -> LayerNorm:
 def native_convs() -> bool:
   """Whether convs are XLA's own grouped and strided convolutions (cuDNN's on a GPU) rather
   than the rewrites that XLA:CPU needs (depthwise convs as shifted adds, groups as separate
-  convs, strided patches as matmuls): with EFFVIT_NATIVE_CONVS=1. Parameters and results are
-  the same both ways. The rewrites stay the default on every backend, GPUs included, until
-  benchmarks/gpu_attention.py --switch convs has measured native convs faster there: the
-  GPU figures in README.md were measured with the rewrites."""
+  convs, strided patches as matmuls): with EFFVIT_NATIVE_CONVS=1 (on the CPU the C++ ConvFFN,
+  where it applies, still comes first). Parameters and results are the same both ways. The
+  rewrites stay the default on every backend, GPUs included, until `benchmarks/
+  gpu_attention.py --switch convs` has measured native convs faster there: the GPU figures in
+  README.md were measured with the rewrites."""
   return os.environ.get("EFFVIT_NATIVE_CONVS", "0") == "1"
 
 
