@@ -374,10 +374,9 @@ class PatchConv(nn.Module):
       return linear(x.reshape(-1, c), kernel.reshape(c, -1), bias).reshape(b, h, w, -1)
     if native_convs():
       y = _grouped_conv(x, kernel, k, "VALID", groups=1)
-      return y if bias is None else y + bias.astype(self.dtype)
-    # patches are strided views: a copy to 2-D costs what it saves
-    x = x.reshape(b, h // k, k, w // k, k, c)
-    y = jnp.einsum("bhiwjc,ijcf->bhwf", x, kernel.astype(self.dtype))
+    else:   # patches are strided views: a copy to 2-D costs what it saves
+      x = x.reshape(b, h // k, k, w // k, k, c)
+      y = jnp.einsum("bhiwjc,ijcf->bhwf", x, kernel.astype(self.dtype))
     return y if bias is None else y + bias.astype(self.dtype)
 
 

@@ -56,3 +56,11 @@ def single_device(monkeypatch):
   sharding rule); tests that use unsharded arrays, as a single-device run does, turn them on."""
   from effvit import cpu_kernels
   monkeypatch.setattr(cpu_kernels, "_single_device", lambda: True)
+
+
+@pytest.fixture(params=["0", "1"], ids=["cpu_rewrites", "native_convs"])
+def native_convs(request, monkeypatch):
+  """Both ways of building the conv modules (effvit.layers.native_convs): XLA:CPU's rewrites
+  and XLA's own grouped and strided convs."""
+  monkeypatch.setenv("EFFVIT_NATIVE_CONVS", request.param)
+  return request.param == "1"

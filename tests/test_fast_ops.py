@@ -65,13 +65,6 @@ def test_depthwise_conv_second_use_and_jit():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.fixture(params=["0", "1"], ids=["cpu_rewrites", "native_convs"])
-def native_convs(request, monkeypatch):
-  """Both ways of computing the conv modules: XLA:CPU's rewrites and XLA's native convs."""
-  monkeypatch.setenv("EFFVIT_NATIVE_CONVS", request.param)
-  return request.param == "1"
-
-
 def test_depthwise_module_is_a_drop_in_for_nn_conv(native_convs):
   x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 7, 5, 8)), jnp.float32)
   ours = DepthwiseConv(3)
