@@ -164,12 +164,17 @@ def layer_norm(eps: float, name: str | None = None) -> LayerNorm:
 def native_convs() -> bool:
   """Whether convs are XLA's own grouped and strided convolutions (cuDNN's on a GPU) rather
   than the rewrites that XLA:CPU needs (depthwise convs as shifted adds, groups as separate
-  convs, strided patches as matmuls): with EFFVIT_NATIVE_CONVS=1 (on the CPU the C++ ConvFFN,
-  where it applies, still comes first). Parameters and results are the same both ways. The
-  rewrites stay the default on every backend, GPUs included, until `benchmarks/
-  gpu_attention.py --switch convs` has measured native convs faster there: the GPU figures in
-  README.md were measured with the rewrites."""
-  return os.environ.get("EFFVIT_NATIVE_CONVS", "0") == "1"
+  convs, strided patches as matmuls). Parameters and results are the same both ways.
+
+  Native on a GPU, rewrites elsewhere; EFFVIT_NATIVE_CONVS=1 or 0 forces either (on the CPU
+  the C++ ConvFFN, where it applies, still comes first). On an H100 (bfloat16 train steps,
+  benchmarks/compile_time.py) native convs were never slower and compiled faster, pvt_v2_b0
+  and b2 trained 1.27x and 1.19x faster, and resnest50d's rewritten step failed there with an
+  illegal memory access (benchmarks/README.md)."""
+  setting = os.environ.get("EFFVIT_NATIVE_CONVS", "")
+  if setting in ("0", "1"):
+    return setting == "1"
+  return jax.default_backend() == "gpu"
 
 
 def _grouped_conv(x: jax.Array, kernel: jax.Array, stride: int, padding, groups: int):

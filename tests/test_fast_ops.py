@@ -112,9 +112,16 @@ def test_depthwise_conv_gelu_matches_conv_bias_then_gelu(dtype, tol):
     np.testing.assert_allclose(a.astype(jnp.float32), b, rtol=tol, atol=tol * 10)
 
 
-def test_native_convs_are_opt_in(monkeypatch):
-  monkeypatch.delenv("EFFVIT_NATIVE_CONVS", raising=False)
-  assert not native_convs_enabled()
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_native_convs_follow_the_backend_unless_forced(backend, monkeypatch):
+  # Native (cuDNN's) convs on a GPU, XLA:CPU's rewrites elsewhere; the variable forces either.
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  for setting in (None, ""):
+    if setting is None:
+      monkeypatch.delenv("EFFVIT_NATIVE_CONVS", raising=False)
+    else:
+      monkeypatch.setenv("EFFVIT_NATIVE_CONVS", setting)
+    assert native_convs_enabled() == (backend == "gpu")
   for forced in ("0", "1"):
     monkeypatch.setenv("EFFVIT_NATIVE_CONVS", forced)
     assert native_convs_enabled() == (forced == "1")
