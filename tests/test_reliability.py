@@ -55,6 +55,10 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import serialization
 
+# One worker runs this whole module (pyproject: --dist loadgroup): each worker that ran any of
+# its tests would start the train.py processes of its own, on a machine of two cores.
+pytestmark = pytest.mark.xdist_group("train_processes")
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))   # the configs package
 
@@ -146,6 +150,7 @@ class Processes:
     self.config = root / "tiny_config.py"
     self.config.write_text(CONFIG_FILE)
     self.procs: dict[str, subprocess.Popen] = {}
+    self.lock, self.stopped = threading.Lock(), False   # the killer thread starts processes too
     self.start("reference", 8)
     if gloo_available():
       with socket.socket() as s:   # a free port on loopback for the coordinator
@@ -169,7 +174,9 @@ class Processes:
     command = [sys.executable, "train.py", f"--config={self.config}",
                f"--workdir={self.workdir(workdir or name)}",
                f"--config.input.data_dir={self.data_dir}", *args]
-    with open(self.root / f"{name}.log", "w") as log:   # a file: no pipe to fill up
+    with self.lock, open(self.root / f"{name}.log", "w") as log:   # a file: no pipe to fill
+      if self.stopped:
+        raise RuntimeError(f"{name} not started: the module's tests have ended")
       self.procs[name] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
                                           stderr=subprocess.STDOUT)
     return self.procs[name]
@@ -200,6 +207,8 @@ class Processes:
       self.killed["error"] = repr(e)
 
   def stop(self):
+    with self.lock:
+      self.stopped = True
     for p in self.procs.values():
       if p.poll() is None:
         p.kill()
