@@ -11,8 +11,8 @@ names of VARIANTS joined by "+": `autotune0` (XLA:GPU tries no alternative kerne
 matmuls and convs), `cublas` (no Triton GEMMs: cuBLAS's), `native` and `rewrites`
 (effvit.layers.native_convs forced on or off; on by default on a GPU) and `cache`, which runs
 the variant twice over a fresh jax persistent compilation cache (what train.py and eval.py
-enable) and reports the second, cached, compile as well. The `autotune0`
-and `cublas` flags exist only in a jaxlib with XLA:GPU. Results: benchmarks/README.md.
+enable) and reports the second, cached, compile as well. The `autotune0` and `cublas` flags
+exist only in a jaxlib with XLA:GPU. Results: benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -64,13 +64,10 @@ def variant_env(variant: str, base: dict) -> dict:
 
 def child(args) -> None:
   """One build and its timing, in this process; prints the RESULT line."""
-  import statistics
-  from effvit.benchmark_utils import EffvitRunner, model_for, timed
+  from effvit.benchmark_utils import EffvitRunner, interleave, model_for
   r = EffvitRunner(model_for(args.models, {}, args.res, args.dtype), args.batch, args.res,
                    modes=("train",))
-  for _ in range(3):
-    r.train()
-  seconds = statistics.median(timed(r.train, args.steps) for _ in range(args.reps))
+  seconds = interleave({"train": r.train}, steps=args.steps, reps=args.reps, warmup=3)["train"]
   print(RESULT + json.dumps({"compile_s": r.compile_seconds["train"],
                              "img_s": args.batch / seconds}), flush=True)
 
