@@ -47,7 +47,10 @@ attention in every layer), and effvit's all-vanilla-attention layout of lavit_sm
 (`lavit_small_allva`, va_layers = depths) is listed against the same reference.
 
 The script also reports the jit compile time (lower + compile) of pvt_v2_b2's train step at
-the first batch size (`--no-compile-time` skips it).
+the first batch size (`--no-compile-time` skips it), and ends with a verdict per row against
+`--targets` (effvit / timm eager; by default 3x for inference and 2x for training, the
+performance issue's): met, missed but reachable (the % of the peak effvit would need), or
+above the ceiling, which no implementation can reach on this machine.
 """
 from __future__ import annotations
 
@@ -95,7 +98,15 @@ def parse_args(argv=None):
   p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
   p.add_argument("--peak-tflops", type=float, default=None,
                  help="the device's spec peak for the MFU column (default: known GPUs, bfloat16)")
+  p.add_argument("--targets", default="inference=3,train=2",
+                 help="ratios to judge each row against, as mode=ratio pairs")
   args = p.parse_args(argv)
+  try:
+    args.targets = {m: float(v) for m, v in (t.split("=") for t in args.targets.split(","))}
+  except ValueError:
+    p.error(f"--targets takes mode=ratio pairs, e.g. inference=3,train=2; got {args.targets!r}")
+  if set(args.targets) - {"inference", "train"}:
+    p.error(f"--targets' modes are inference and train; got {sorted(args.targets)}")
   unknown = set(args.modes.split(",")) - {"inference", "train"}
   if unknown:
     p.error(f"--modes takes inference and/or train, comma-separated; got {sorted(unknown)}")
@@ -213,6 +224,29 @@ def table(rows: list, markdown: bool) -> str:
   return "\n".join([fmt_line(head)] + [fmt_line(l) for l in lines])
 
 
+def verdicts(rows: list, targets: dict) -> list:
+  """One line per row with a target: met, missed but reachable (effvit would need this share
+  of the matmul peak), or above the ceiling (peak / timm's GFLOP/s): unreachable here."""
+  lines = []
+  for r in rows:
+    target = targets.get(r["mode"])
+    if target is None:
+      continue
+    ratio = r["effvit"] / r["timm"]
+    head = f"{r['model']} b{r['batch']} {r['mode']}: {ratio:.2f}x of {target:g}x"
+    if ratio >= target:
+      lines.append(f"{head}, met")
+    elif "timm_peak_frac" not in r:
+      lines.append(f"{head}, missed")
+    elif target * r["timm_peak_frac"] > 1:
+      lines.append(f"{head}, missed; above the ceiling ({1 / r['timm_peak_frac']:.2f}x): "
+                   "unreachable on this machine")
+    else:
+      lines.append(f"{head}, missed; reachable at {100 * target * r['timm_peak_frac']:.0f}% "
+                   f"of the peak (effvit runs at {100 * r['peak_frac']:.0f}%)")
+  return lines
+
+
 def machine_info(threads: int) -> str:
   import platform
   import jax
@@ -296,6 +330,11 @@ def main(argv=None):
     print(f"Note: {n}")
   print()
   print(table(rows, args.markdown))
+  lines = verdicts(rows, args.targets)
+  if lines:
+    print()
+    print(f"Against the targets ({', '.join(f'{m} {t:g}x' for m, t in args.targets.items())}):")
+    print("\n".join(lines))
   return rows
 
 

@@ -100,3 +100,25 @@ def test_compare_timm_rejects_unknown_modes(capsys):
     compare_timm.parse_args(["--modes", "train,infer"])
   assert "--modes takes inference and/or train, comma-separated; got ['infer']" in \
       capsys.readouterr().err
+
+
+def test_verdicts_tell_met_reachable_and_above_the_ceiling():
+  # timm at 40% of the peak: 3x needs 120% (above the 2.5x ceiling), 2x needs 80%.
+  row = dict(model="m", batch=8, timm=10.0, timm_peak_frac=0.4, peak_frac=0.6)
+  rows = [dict(row, mode="inference", effvit=15.0), dict(row, mode="train", effvit=15.0),
+          dict(row, mode="train", batch=32, effvit=25.0)]
+  assert compare_timm.verdicts(rows, {"inference": 3.0, "train": 2.0}) == [
+      "m b8 inference: 1.50x of 3x, missed; above the ceiling (2.50x): unreachable on this "
+      "machine",
+      "m b8 train: 1.50x of 2x, missed; reachable at 80% of the peak (effvit runs at 60%)",
+      "m b32 train: 2.50x of 2x, met"]
+  assert compare_timm.verdicts(rows, {"train": 2.0})[0].startswith("m b8 train")
+
+
+def test_targets_flag_parses_and_rejects_nonsense(capsys):
+  assert compare_timm.parse_args([]).targets == {"inference": 3.0, "train": 2.0}
+  assert compare_timm.parse_args(["--targets", "train=1.5"]).targets == {"train": 1.5}
+  for bad in ("train", "train=x", "infer=3"):
+    with pytest.raises(SystemExit):
+      compare_timm.parse_args(["--targets", bad])
+  assert "--targets' modes are inference and train; got ['infer']" in capsys.readouterr().err
